@@ -1,0 +1,11 @@
+//! Warren's API contract, shared by `warren-operator` and `warren-sidecar`.
+//!
+//! - [`names`]: the names of the broker objects Warren owns for a queue
+//!   (`Q`, `Q.retry`, `Q.retry.<delay>`, `Q.parked`). The operator declares
+//!   them and the sidecar publishes to them, so both must derive them from
+//!   one place.
+//! - [`backoff`]: the retry delay schedule of a retry policy, and the delay
+//!   tiers (one queue per distinct delay) it turns into.
+
+pub mod backoff;
+pub mod names;

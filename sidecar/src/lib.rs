@@ -1,0 +1,202 @@
+//! warren-sidecar: a durable local outbox in front of RabbitMQ.
+//!
+//! The app publishes over HTTP on localhost ([`api`]); each message is
+//! written to the [`outbox`] on a persistent volume and answered `202` only
+//! once it is durable. The [`forwarder`] moves messages to the broker with
+//! publisher confirms and deletes each one only after the broker's ack, so
+//! broker outages, network cuts, and crashes or restarts of the sidecar
+//! delay messages but do not lose them.
+//!
+//! Layout:
+//! - [`config`]: flags and `WARREN_*` environment fallbacks;
+//! - [`outbox`]: the storage trait, the sled engine, the record framing and
+//!   the outbox with group commit and limits;
+//! - [`forwarder`]: connection management, confirms, retry and dead-letter;
+//! - [`api`]: the app-facing API and the admin endpoints;
+//! - [`status`], [`metrics`]: what the sidecar reports about itself.
+
+pub mod api;
+pub mod config;
+pub mod forwarder;
+pub mod metrics;
+pub mod outbox;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{AppState, RequestLimits};
+use crate::config::{Config, redact_url};
+use crate::forwarder::{Forwarder, ForwarderConfig};
+use crate::metrics::Metrics;
+use crate::outbox::{Durability, Limits, Outbox, SledStore, Stats};
+use crate::status::BrokerStatus;
+
+/// A running sidecar.
+pub struct Running {
+    /// Where the app-facing API listens.
+    pub api_addr: SocketAddr,
+    /// Where the admin endpoints listen.
+    pub admin_addr: SocketAddr,
+    /// The outbox, for inspection.
+    pub outbox: Arc<Outbox>,
+    /// The broker connection state.
+    pub status: BrokerStatus,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<Stats>>,
+}
+
+impl Running {
+    /// Starts the graceful shutdown: publishes are refused with 503, the
+    /// outbox drains for up to the drain timeout, then everything stops.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits for the sidecar to stop; returns what was left in the outbox.
+    pub async fn wait(self) -> anyhow::Result<Stats> {
+        self.task.await.context("sidecar task panicked")?
+    }
+}
+
+/// Opens the outbox, starts the forwarder and both HTTP servers.
+pub async fn start(cfg: Config) -> anyhow::Result<Running> {
+    cfg.validate()?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    let metrics = Arc::new(Metrics::new());
+    let flush_every = match cfg.durability {
+        Durability::Flush => Duration::from_millis(500),
+        Durability::Buffered => cfg.flush_interval,
+    };
+    let store = SledStore::open(&cfg.data_dir, cfg.outbox_cache_bytes, Some(flush_every))?;
+    let limits = Limits {
+        max_messages: cfg.max_outbox_messages,
+        max_bytes: cfg.max_outbox_bytes,
+    };
+    let outbox = Outbox::open(Arc::new(store), limits, cfg.durability, metrics.clone())?;
+    let left = outbox.stats();
+    if left.pending > 0 || left.dead > 0 {
+        tracing::info!(
+            pending = left.pending,
+            dead = left.dead,
+            "outbox holds messages from a previous run; forwarding them first"
+        );
+    }
+
+    let tls_ca_pem = match &cfg.tls_ca_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --tls-ca-file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let status = BrokerStatus::new(redact_url(&cfg.broker_url), metrics.clone());
+    let forwarder = Forwarder::new(
+        outbox.clone(),
+        ForwarderConfig {
+            url: cfg.broker_url.clone(),
+            tls_ca_pem,
+            window: cfg.confirm_window,
+            confirm_timeout: cfg.confirm_timeout,
+            heartbeat: cfg.heartbeat,
+            connect_timeout: cfg.connect_timeout,
+            reconnect_initial: cfg.reconnect_initial,
+            reconnect_max: cfg.reconnect_max,
+            retry_initial: cfg.retry_initial,
+            retry_max: cfg.retry_max,
+            dead_letter_after: cfg.dead_letter_after,
+        },
+        status.clone(),
+        metrics.clone(),
+    );
+    let stop_forwarder = CancellationToken::new();
+    let forwarder = tokio::spawn(forwarder.run(stop_forwarder.clone()));
+
+    let state = Arc::new(AppState {
+        outbox: outbox.clone(),
+        status: status.clone(),
+        metrics: metrics.clone(),
+        accepting: AtomicBool::new(true),
+        limits: RequestLimits {
+            max_message_bytes: cfg.max_message_bytes,
+            max_batch_bytes: cfg.max_batch_bytes,
+            max_batch_messages: cfg.max_batch_messages,
+        },
+        outbox_limits: limits,
+    });
+    let api_listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let admin_listener = TcpListener::bind(cfg.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.admin_listen))?;
+    let api_addr = api_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let stop_servers = CancellationToken::new();
+    let api = tokio::spawn(
+        axum::serve(api_listener, api::router(state.clone()))
+            .with_graceful_shutdown(stop_servers.clone().cancelled_owned())
+            .into_future(),
+    );
+    let admin = tokio::spawn(
+        axum::serve(admin_listener, api::admin_router(state.clone()))
+            .with_graceful_shutdown(stop_servers.clone().cancelled_owned())
+            .into_future(),
+    );
+    tracing::info!(%api_addr, %admin_addr, data_dir = %cfg.data_dir.display(), durability = ?cfg.durability, "warren-sidecar started");
+
+    let shutdown = CancellationToken::new();
+    let drain_timeout = cfg.drain_timeout;
+    let task = {
+        let shutdown = shutdown.clone();
+        let outbox = outbox.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            state.accepting.store(false, Ordering::Release);
+            tracing::info!(
+                pending = outbox.stats().pending,
+                ?drain_timeout,
+                "shutting down; draining the outbox"
+            );
+            let deadline = Instant::now() + drain_timeout;
+            while outbox.stats().pending > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            stop_forwarder.cancel();
+            let _ = forwarder.await;
+            outbox.sync().await.context("final outbox flush failed")?;
+            stop_servers.cancel();
+            let _ = api.await;
+            let _ = admin.await;
+            let left = outbox.stats();
+            if left.pending > 0 {
+                tracing::warn!(
+                    pending = left.pending,
+                    "drain deadline reached; the rest stays in the outbox for the next start"
+                );
+            }
+            tracing::info!(
+                pending = left.pending,
+                dead = left.dead,
+                "warren-sidecar stopped"
+            );
+            Ok(left)
+        })
+    };
+    Ok(Running {
+        api_addr,
+        admin_addr,
+        outbox,
+        status,
+        shutdown,
+        task,
+    })
+}

@@ -1,0 +1,243 @@
+//! Prometheus metrics, prefixed `warren_sidecar_`, with fixed low-cardinality
+//! labels (never exchange names, ids or error text).
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Why a publish request was refused.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum RejectReason {
+    /// Malformed path, header, body or batch.
+    Invalid,
+    /// Body or batch over the configured size.
+    TooLarge,
+    /// Outbox at its message or byte limit.
+    OutboxFull,
+    /// The sidecar is draining for shutdown.
+    ShuttingDown,
+    /// The outbox could not store or flush.
+    StorageFailed,
+}
+
+/// Why a forwarding attempt did not get a broker ack.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum FailReason {
+    /// The broker answered basic.nack.
+    Nack,
+    /// The broker returned the message (mandatory, no queue bound).
+    Unroutable,
+    /// The exchange does not exist or may not be used (404/403).
+    Exchange,
+    /// The channel was closed by a broker error while it was in flight.
+    ChannelError,
+    /// The message's record could not be decoded.
+    Corrupt,
+}
+
+/// Outcome of a connection attempt.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum ConnResult {
+    Connected,
+    Failed,
+}
+
+/// Outbox area for size gauges.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum AreaLabel {
+    Pending,
+    Dead,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabels {
+    pub reason: RejectReason,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailLabels {
+    pub reason: FailReason,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    pub result: ConnResult,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AreaLabels {
+    pub area: AreaLabel,
+}
+
+/// Every metric the sidecar exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Messages answered 202.
+    pub accepted: Counter,
+    /// Publish requests refused, by reason.
+    pub rejected: Family<RejectLabels, Counter>,
+    /// Messages confirmed by the broker and removed from the outbox.
+    pub forwarded: Counter,
+    /// Forwarding attempts that failed, by reason.
+    pub forward_failures: Family<FailLabels, Counter>,
+    /// Messages moved to the dead-letter area.
+    pub dead_lettered: Counter,
+    /// Connection attempts, by result.
+    pub connections: Family<ConnLabels, Counter>,
+    /// Established connections that were lost.
+    pub connection_losses: Counter,
+    /// 1 while connected to the broker.
+    pub broker_connected: Gauge,
+    /// 1 while the broker blocks publishing (resource alarm).
+    pub broker_blocked: Gauge,
+    /// Messages published and awaiting their confirm.
+    pub inflight: Gauge,
+    /// Messages and bytes held, by area.
+    pub outbox_messages: Family<AreaLabels, Gauge>,
+    pub outbox_bytes: Family<AreaLabels, Gauge>,
+    /// Age of the oldest pending message.
+    pub oldest_pending_age: Gauge<f64, AtomicU64>,
+    /// Duration of outbox flushes.
+    pub flush_duration: Histogram,
+    /// Writers served per flush (group commit width).
+    pub flush_batch: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("warren_sidecar");
+        let m = Metrics {
+            accepted: Counter::default(),
+            rejected: Family::default(),
+            forwarded: Counter::default(),
+            forward_failures: Family::default(),
+            dead_lettered: Counter::default(),
+            connections: Family::default(),
+            connection_losses: Counter::default(),
+            broker_connected: Gauge::default(),
+            broker_blocked: Gauge::default(),
+            inflight: Gauge::default(),
+            outbox_messages: Family::default(),
+            outbox_bytes: Family::default(),
+            oldest_pending_age: Gauge::default(),
+            flush_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            flush_batch: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "publish_accepted",
+            "Messages answered 202 (durable in the outbox)",
+            m.accepted.clone(),
+        );
+        registry.register(
+            "publish_rejected",
+            "Publish requests refused, by reason",
+            m.rejected.clone(),
+        );
+        registry.register(
+            "forwarded",
+            "Messages confirmed by the broker and removed from the outbox",
+            m.forwarded.clone(),
+        );
+        registry.register(
+            "forward_failures",
+            "Forwarding attempts that failed, by reason",
+            m.forward_failures.clone(),
+        );
+        registry.register(
+            "dead_lettered",
+            "Messages moved to the local dead-letter area",
+            m.dead_lettered.clone(),
+        );
+        registry.register(
+            "broker_connection_attempts",
+            "Broker connection attempts, by result",
+            m.connections.clone(),
+        );
+        registry.register(
+            "broker_connection_losses",
+            "Established broker connections that were lost",
+            m.connection_losses.clone(),
+        );
+        registry.register(
+            "broker_connected",
+            "1 while connected to the broker",
+            m.broker_connected.clone(),
+        );
+        registry.register(
+            "broker_blocked",
+            "1 while the broker blocks publishing",
+            m.broker_blocked.clone(),
+        );
+        registry.register(
+            "inflight_messages",
+            "Messages published and awaiting a confirm",
+            m.inflight.clone(),
+        );
+        registry.register(
+            "outbox_messages",
+            "Messages held in the outbox, by area",
+            m.outbox_messages.clone(),
+        );
+        registry.register(
+            "outbox_bytes",
+            "Encoded bytes held in the outbox, by area",
+            m.outbox_bytes.clone(),
+        );
+        registry.register(
+            "outbox_oldest_pending_age_seconds",
+            "Age of the oldest pending message",
+            m.oldest_pending_age.clone(),
+        );
+        registry.register(
+            "outbox_flush_duration_seconds",
+            "Duration of outbox flushes",
+            m.flush_duration.clone(),
+        );
+        registry.register(
+            "outbox_flush_batch_size",
+            "Writers served by one flush",
+            m.flush_batch.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Records one group-commit flush.
+    pub fn observe_flush(&self, took: Duration, waiters: usize) {
+        self.flush_duration.observe(took.as_secs_f64());
+        self.flush_batch.observe(waiters as f64);
+    }
+
+    /// Counts a refused publish.
+    pub fn reject(&self, reason: RejectReason) {
+        self.rejected.get_or_create(&RejectLabels { reason }).inc();
+    }
+
+    /// Counts a failed forwarding attempt.
+    pub fn forward_failed(&self, reason: FailReason) {
+        self.forward_failures
+            .get_or_create(&FailLabels { reason })
+            .inc();
+    }
+
+    /// Renders the OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,479 @@
+//! The durable outbox: what the app handed over, kept on disk until the
+//! broker has confirmed it.
+//!
+//! Writes take a sequence number under one lock and are applied to the store
+//! in that order, so sequence order is outbox order and the forwarder can scan
+//! forward with a cursor. In [`Durability::Flush`] mode an append returns
+//! only after a store flush that started after its write has succeeded.
+//! Concurrent appends share flushes: one thread flushes on behalf of every
+//! writer that queued up while the previous flush ran (group commit).
+//!
+//! A failed write or flush poisons the outbox: it refuses every later write,
+//! because after a failed fsync nobody can say what is on disk. Messages
+//! already stored keep being forwarded.
+
+pub mod record;
+pub mod store;
+
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{Notify, oneshot};
+
+pub use record::{DeadEntry, DecodeError, Message};
+pub use store::{Area, Op, SledStore, Store, StoreError};
+
+use crate::metrics::Metrics;
+
+/// When an append is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Durability {
+    /// Answer only after the flush covering the message has returned (default).
+    Flush,
+    /// Answer once the message is in the store's memory; the store flushes in
+    /// the background. A host crash can lose the last moments of accepted
+    /// messages; a sidecar process crash cannot.
+    Buffered,
+}
+
+/// Bounds on what the outbox holds (pending and dead together), so a long
+/// broker outage fills a known amount of disk and then pushes back.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most messages held at once.
+    pub max_messages: u64,
+    /// Most encoded bytes held at once.
+    pub max_bytes: u64,
+}
+
+/// Why an append or a move failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum OutboxError {
+    /// Accepting the messages would exceed a limit; nothing was stored.
+    #[error("outbox full: {what} limit of {limit} reached")]
+    Full { what: &'static str, limit: u64 },
+    /// An earlier storage failure made the outbox refuse writes.
+    #[error("outbox refuses writes after a storage failure: {0}")]
+    Poisoned(String),
+    /// The store failed this operation (the outbox is now poisoned).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A pending entry read back for forwarding.
+#[derive(Debug, Clone)]
+pub struct PendingEntry {
+    /// Its sequence number (outbox order).
+    pub seq: u64,
+    /// Its encoded size, for the byte accounting.
+    pub size: u64,
+    /// The stored bytes, kept so a dead-lettered entry is stored unchanged.
+    pub raw: Vec<u8>,
+    /// The decoded message, or why it could not be decoded.
+    pub message: Result<Message, DecodeError>,
+}
+
+/// Counts and sizes, for `GET /v1/outbox` and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Messages waiting to be forwarded.
+    pub pending: u64,
+    /// Their encoded bytes.
+    pub pending_bytes: u64,
+    /// Messages in the dead-letter area.
+    pub dead: u64,
+    /// Their encoded bytes.
+    pub dead_bytes: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    next_seq: u64,
+    stats: Stats,
+}
+
+type FlushReply = oneshot::Sender<Result<(), StoreError>>;
+
+/// The outbox. Cheap to share behind an `Arc`.
+pub struct Outbox {
+    store: Arc<dyn Store>,
+    counters: Mutex<Counters>,
+    limits: Limits,
+    durability: Durability,
+    /// Queue of the group-commit thread; `None` only while dropping.
+    flusher: Option<mpsc::Sender<FlushReply>>,
+    flush_thread: Option<std::thread::JoinHandle<()>>,
+    poisoned: Mutex<Option<String>>,
+    /// Woken whenever new pending entries are written.
+    new_entries: Notify,
+    metrics: Arc<Metrics>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Outbox {
+    /// Opens the outbox over `store`, counting what a previous run left.
+    pub fn open(
+        store: Arc<dyn Store>,
+        limits: Limits,
+        durability: Durability,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, StoreError> {
+        let mut counters = Counters::default();
+        let mut max_seq = None;
+        for area in [Area::Pending, Area::Dead] {
+            let mut from = 0;
+            loop {
+                let chunk = store.scan(area, from, 4096)?;
+                let Some((last, _)) = chunk.last() else { break };
+                from = last + 1;
+                max_seq = max_seq.max(Some(*last));
+                for (_, v) in &chunk {
+                    let (n, b) = match area {
+                        Area::Pending => (
+                            &mut counters.stats.pending,
+                            &mut counters.stats.pending_bytes,
+                        ),
+                        Area::Dead => (&mut counters.stats.dead, &mut counters.stats.dead_bytes),
+                    };
+                    *n += 1;
+                    *b += v.len() as u64;
+                }
+                if last == &u64::MAX {
+                    break;
+                }
+            }
+        }
+        counters.next_seq = max_seq.map_or(1, |s| s + 1);
+
+        let (tx, rx) = mpsc::channel::<FlushReply>();
+        let flush_store = store.clone();
+        let flush_metrics = metrics.clone();
+        let flush_thread = std::thread::Builder::new()
+            .name("warren-outbox-flush".into())
+            .spawn(move || flush_loop(flush_store, rx, flush_metrics))
+            .map_err(|e| StoreError(format!("cannot start the flush thread: {e}")))?;
+
+        Ok(Arc::new(Self {
+            store,
+            counters: Mutex::new(counters),
+            limits,
+            durability,
+            flusher: Some(tx),
+            flush_thread: Some(flush_thread),
+            poisoned: Mutex::new(None),
+            new_entries: Notify::new(),
+            metrics,
+        }))
+    }
+
+    /// The durability mode appends are acknowledged under.
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// The storage failure that poisoned the outbox, if any.
+    pub fn poisoned(&self) -> Option<String> {
+        self.poisoned.lock().unwrap().clone()
+    }
+
+    fn poison(&self, err: &StoreError) {
+        let mut p = self.poisoned.lock().unwrap();
+        if p.is_none() {
+            tracing::error!(error = %err, "outbox storage failed; refusing further writes");
+            *p = Some(err.0.clone());
+        }
+    }
+
+    fn check_poison(&self) -> Result<(), OutboxError> {
+        match self.poisoned() {
+            Some(e) => Err(OutboxError::Poisoned(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Stores `messages` as one atomic unit and returns their sequence
+    /// numbers once they are as durable as the durability mode promises.
+    /// On error nothing was acknowledged; the caller must report failure.
+    pub async fn append(&self, messages: Vec<Message>) -> Result<Vec<u64>, OutboxError> {
+        self.check_poison()?;
+        let encoded: Vec<Vec<u8>> = messages.iter().map(Message::encode).collect();
+        let bytes: u64 = encoded.iter().map(|e| e.len() as u64).sum();
+        let count = encoded.len() as u64;
+        let seqs = {
+            let mut c = self.counters.lock().unwrap();
+            let held = c.stats.pending + c.stats.dead;
+            let held_bytes = c.stats.pending_bytes + c.stats.dead_bytes;
+            if held + count > self.limits.max_messages {
+                return Err(OutboxError::Full {
+                    what: "message",
+                    limit: self.limits.max_messages,
+                });
+            }
+            if held_bytes + bytes > self.limits.max_bytes {
+                return Err(OutboxError::Full {
+                    what: "byte",
+                    limit: self.limits.max_bytes,
+                });
+            }
+            let first = c.next_seq;
+            let ops = encoded
+                .into_iter()
+                .enumerate()
+                .map(|(i, value)| Op::Put {
+                    area: Area::Pending,
+                    key: first + i as u64,
+                    value,
+                })
+                .collect();
+            // Applied under the lock so that sequence order is store order.
+            if let Err(e) = self.store.apply(ops) {
+                drop(c);
+                self.poison(&e);
+                return Err(e.into());
+            }
+            c.next_seq += count;
+            c.stats.pending += count;
+            c.stats.pending_bytes += bytes;
+            (first..first + count).collect::<Vec<u64>>()
+        };
+        self.new_entries.notify_one();
+        if self.durability == Durability::Flush {
+            self.sync().await?;
+        }
+        Ok(seqs)
+    }
+
+    /// Waits for a flush that covers every change made before this call.
+    pub async fn sync(&self) -> Result<(), OutboxError> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.flusher.as_ref().is_some_and(|f| f.send(tx).is_ok());
+        let res = match sent {
+            true => rx
+                .await
+                .unwrap_or_else(|_| Err(StoreError("flush thread stopped".into()))),
+            false => Err(StoreError("flush thread stopped".into())),
+        };
+        res.map_err(|e| {
+            self.poison(&e);
+            OutboxError::Store(e)
+        })
+    }
+
+    /// Waits until new entries may have been appended.
+    pub async fn wait_for_new(&self) {
+        self.new_entries.notified().await
+    }
+
+    /// Up to `limit` pending entries with sequence ≥ `from`, in order.
+    pub fn read_pending(&self, from: u64, limit: usize) -> Result<Vec<PendingEntry>, StoreError> {
+        Ok(self
+            .store
+            .scan(Area::Pending, from, limit)?
+            .into_iter()
+            .map(|(seq, raw)| pending_entry(seq, raw))
+            .collect())
+    }
+
+    /// The pending entry `seq`, if it is still pending.
+    pub fn read_one(&self, seq: u64) -> Result<Option<PendingEntry>, StoreError> {
+        Ok(self
+            .store
+            .get(Area::Pending, seq)?
+            .map(|raw| pending_entry(seq, raw)))
+    }
+
+    /// Removes entries the broker has confirmed. Not flushed by itself: a
+    /// crash before the next flush only means they are sent again, and every
+    /// message carries its id so consumers can drop the duplicate.
+    pub fn remove(&self, done: &[(u64, u64)]) -> Result<(), StoreError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let ops = done
+            .iter()
+            .map(|&(key, _)| Op::Delete {
+                area: Area::Pending,
+                key,
+            })
+            .collect();
+        if let Err(e) = self.store.apply(ops) {
+            self.poison(&e);
+            return Err(e);
+        }
+        let bytes: u64 = done.iter().map(|&(_, s)| s).sum();
+        let mut c = self.counters.lock().unwrap();
+        c.stats.pending -= done.len() as u64;
+        c.stats.pending_bytes -= bytes;
+        Ok(())
+    }
+
+    /// Moves a pending entry to the dead-letter area, durably.
+    pub async fn dead_letter(
+        &self,
+        entry: &PendingEntry,
+        reason: &str,
+        attempts: u32,
+    ) -> Result<(), OutboxError> {
+        let dead = DeadEntry {
+            dead_at_ms: now_ms(),
+            attempts,
+            reason: reason.to_owned(),
+            raw: entry.raw.clone(),
+        }
+        .encode();
+        let dead_len = dead.len() as u64;
+        {
+            let mut c = self.counters.lock().unwrap();
+            let ops = vec![
+                Op::Put {
+                    area: Area::Dead,
+                    key: entry.seq,
+                    value: dead,
+                },
+                Op::Delete {
+                    area: Area::Pending,
+                    key: entry.seq,
+                },
+            ];
+            if let Err(e) = self.store.apply(ops) {
+                drop(c);
+                self.poison(&e);
+                return Err(e.into());
+            }
+            c.stats.pending -= 1;
+            c.stats.pending_bytes -= entry.size;
+            c.stats.dead += 1;
+            c.stats.dead_bytes += dead_len;
+        }
+        self.metrics.dead_lettered.inc();
+        self.sync().await
+    }
+
+    /// Up to `limit` dead entries with sequence ≥ `from`.
+    pub fn dead(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Result<DeadEntry, DecodeError>)>, StoreError> {
+        Ok(self
+            .store
+            .scan(Area::Dead, from, limit)?
+            .into_iter()
+            .map(|(seq, raw)| (seq, DeadEntry::decode(&raw)))
+            .collect())
+    }
+
+    /// Moves dead entry `seq` back to the end of the pending queue, for
+    /// another round of forwarding. Returns its new sequence number, or
+    /// `None` if there is no such dead entry.
+    pub async fn requeue_dead(&self, seq: u64) -> Result<Option<u64>, OutboxError> {
+        self.check_poison()?;
+        let Some(raw) = self.store.get(Area::Dead, seq)? else {
+            return Ok(None);
+        };
+        let dead = DeadEntry::decode(&raw).map_err(|e| StoreError(e.to_string()))?;
+        let new_seq = {
+            let mut c = self.counters.lock().unwrap();
+            let new_seq = c.next_seq;
+            let pending_len = dead.raw.len() as u64;
+            let ops = vec![
+                Op::Delete {
+                    area: Area::Dead,
+                    key: seq,
+                },
+                Op::Put {
+                    area: Area::Pending,
+                    key: new_seq,
+                    value: dead.raw,
+                },
+            ];
+            if let Err(e) = self.store.apply(ops) {
+                drop(c);
+                self.poison(&e);
+                return Err(e.into());
+            }
+            c.next_seq += 1;
+            c.stats.dead -= 1;
+            c.stats.dead_bytes -= raw.len() as u64;
+            c.stats.pending += 1;
+            c.stats.pending_bytes += pending_len;
+            new_seq
+        };
+        self.new_entries.notify_one();
+        self.sync().await?;
+        Ok(Some(new_seq))
+    }
+
+    /// Current counts and sizes.
+    pub fn stats(&self) -> Stats {
+        self.counters.lock().unwrap().stats
+    }
+
+    /// Enqueue time of the oldest pending entry, if any.
+    pub fn oldest_pending_ms(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .store
+            .scan(Area::Pending, 0, 1)?
+            .first()
+            .and_then(|(_, raw)| Message::peek_enqueued_at(raw)))
+    }
+}
+
+fn pending_entry(seq: u64, raw: Vec<u8>) -> PendingEntry {
+    PendingEntry {
+        seq,
+        size: raw.len() as u64,
+        message: Message::decode(&raw),
+        raw,
+    }
+}
+
+impl Drop for Outbox {
+    /// Stops the flush thread and waits for it, so that the store is closed
+    /// (and its directory unlocked) when the outbox is gone.
+    fn drop(&mut self) {
+        self.flusher.take();
+        if let Some(t) = self.flush_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The group-commit loop: one flush serves every request queued before it
+/// started.
+///
+/// A failed flush is final. After a failed fsync the kernel may have dropped
+/// the dirty data it could not write, so a later flush that succeeds says
+/// nothing about changes made before the failure: every later request gets
+/// the first failure.
+fn flush_loop(store: Arc<dyn Store>, rx: mpsc::Receiver<FlushReply>, metrics: Arc<Metrics>) {
+    let mut failed: Option<StoreError> = None;
+    while let Ok(first) = rx.recv() {
+        let mut waiters = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            waiters.push(more);
+        }
+        if let Some(err) = &failed {
+            for w in waiters {
+                let _ = w.send(Err(err.clone()));
+            }
+            continue;
+        }
+        let started = Instant::now();
+        let res = store.flush();
+        metrics.observe_flush(started.elapsed(), waiters.len());
+        if let Err(e) = &res {
+            failed = Some(e.clone());
+        }
+        for w in waiters {
+            let _ = w.send(res.clone());
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! The narrow storage interface under the outbox, and its sled engine.
+//!
+//! The outbox needs only four things from a storage engine: apply a small set
+//! of puts and deletes atomically, make everything applied so far durable,
+//! scan one area in key order, and read one key. Keeping the interface that
+//! small lets another engine be measured against sled, and lets tests inject
+//! faults (a write or a flush that fails) below the outbox.
+//!
+//! Keys are sequence numbers. Each area is a separate key space: `Pending`
+//! holds messages still to forward, `Dead` holds messages the forwarder gave
+//! up on (kept, never dropped).
+
+use std::path::Path;
+
+/// Which key space an entry lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Area {
+    /// Messages waiting to be forwarded to the broker.
+    Pending,
+    /// Messages the forwarder moved aside after repeated failures.
+    Dead,
+}
+
+impl Area {
+    fn prefix(self) -> u8 {
+        match self {
+            Area::Pending => b'p',
+            Area::Dead => b'd',
+        }
+    }
+}
+
+/// One change in an atomic [`Store::apply`] call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// Insert or overwrite `key` in `area`.
+    Put {
+        area: Area,
+        key: u64,
+        value: Vec<u8>,
+    },
+    /// Remove `key` from `area` (no error if absent).
+    Delete { area: Area, key: u64 },
+}
+
+/// A storage failure, with the engine's own text.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("outbox storage error: {0}")]
+pub struct StoreError(pub String);
+
+/// What the outbox needs from a storage engine.
+///
+/// Contract: after `flush` returns `Ok`, every `apply` that returned before
+/// the `flush` started survives a crash. Nothing is promised for changes that
+/// were never covered by a successful flush.
+pub trait Store: Send + Sync + 'static {
+    /// Applies all `ops` atomically: after a crash either all or none of them
+    /// are visible.
+    fn apply(&self, ops: Vec<Op>) -> Result<(), StoreError>;
+    /// Makes every change applied so far durable.
+    fn flush(&self) -> Result<(), StoreError>;
+    /// Up to `limit` entries of `area` with key ≥ `from`, in key order.
+    fn scan(&self, area: Area, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// The value of `key` in `area`, if present.
+    fn get(&self, area: Area, key: u64) -> Result<Option<Vec<u8>>, StoreError>;
+}
+
+fn encode_key(area: Area, key: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = area.prefix();
+    k[1..].copy_from_slice(&key.to_be_bytes());
+    k
+}
+
+fn decode_key(raw: &[u8]) -> Result<u64, StoreError> {
+    let bytes: [u8; 8] = raw
+        .get(1..9)
+        .and_then(|s| s.try_into().ok())
+        .ok_or_else(|| StoreError(format!("malformed outbox key of {} bytes", raw.len())))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+/// The sled engine: one tree, keys `[area prefix][u64 big-endian]` so that
+/// byte order is sequence order within an area.
+pub struct SledStore {
+    db: sled::Db,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`.
+    ///
+    /// `flush_every` lets sled flush by itself in the background; the outbox
+    /// still calls [`Store::flush`] before it acknowledges in flush mode.
+    pub fn open(
+        dir: &Path,
+        cache_bytes: u64,
+        flush_every: Option<std::time::Duration>,
+    ) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(flush_every.map(|d| d.as_millis().max(1) as u64))
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| StoreError(format!("cannot open outbox in {}: {e}", dir.display())))?;
+        Ok(Self { db })
+    }
+}
+
+impl Store for SledStore {
+    fn apply(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for op in ops {
+            match op {
+                Op::Put { area, key, value } => batch.insert(&encode_key(area, key), value),
+                Op::Delete { area, key } => batch.remove(&encode_key(area, key)),
+            }
+        }
+        self.db
+            .apply_batch(batch)
+            .map_err(|e| StoreError(e.to_string()))
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db
+            .flush()
+            .map(|_| ())
+            .map_err(|e| StoreError(e.to_string()))
+    }
+
+    fn scan(&self, area: Area, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let start = encode_key(area, from);
+        let end = encode_key(area, u64::MAX);
+        let mut out = Vec::new();
+        for item in self.db.range(start..=end).take(limit) {
+            let (k, v) = item.map_err(|e| StoreError(e.to_string()))?;
+            out.push((decode_key(&k)?, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn get(&self, area: Area, key: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db
+            .get(encode_key(area, key))
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(|e| StoreError(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn areas_are_separate_and_ordered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 20, None).unwrap();
+        store
+            .apply(vec![
+                Op::Put {
+                    area: Area::Pending,
+                    key: 300,
+                    value: b"c".to_vec(),
+                },
+                Op::Put {
+                    area: Area::Pending,
+                    key: 2,
+                    value: b"a".to_vec(),
+                },
+                Op::Put {
+                    area: Area::Dead,
+                    key: 1,
+                    value: b"dead".to_vec(),
+                },
+                Op::Put {
+                    area: Area::Pending,
+                    key: 256,
+                    value: b"b".to_vec(),
+                },
+            ])
+            .unwrap();
+        let pending = store.scan(Area::Pending, 0, 10).unwrap();
+        let keys: Vec<u64> = pending.iter().map(|(k, _)| *k).collect();
+        assert_eq!(keys, vec![2, 256, 300]);
+        assert_eq!(store.scan(Area::Pending, 257, 10).unwrap().len(), 1);
+        assert_eq!(
+            store.scan(Area::Dead, 0, 10).unwrap(),
+            vec![(1, b"dead".to_vec())]
+        );
+        store
+            .apply(vec![Op::Delete {
+                area: Area::Pending,
+                key: 2,
+            }])
+            .unwrap();
+        assert_eq!(store.get(Area::Pending, 2).unwrap(), None);
+        assert_eq!(store.get(Area::Pending, 256).unwrap(), Some(b"b".to_vec()));
+    }
+
+    #[test]
+    fn flushed_data_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), 1 << 20, None).unwrap();
+            store
+                .apply(vec![Op::Put {
+                    area: Area::Pending,
+                    key: 7,
+                    value: b"x".to_vec(),
+                }])
+                .unwrap();
+            store.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path(), 1 << 20, None).unwrap();
+        assert_eq!(store.get(Area::Pending, 7).unwrap(), Some(b"x".to_vec()));
+    }
+}
