@@ -238,10 +238,15 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
     })
 }
 
+/// What the request headers of a single publish say about the message.
+struct PublishHeaders {
+    id: Option<String>,
+    content_type: Option<String>,
+    headers: Vec<(String, String)>,
+}
+
 /// Interprets the request headers of a single publish.
-fn message_from_headers(
-    headers: &HeaderMap,
-) -> Result<(Option<String>, Option<String>, Vec<(String, String)>), ApiError> {
+fn message_from_headers(headers: &HeaderMap) -> Result<PublishHeaders, ApiError> {
     let mut id = None;
     let mut content_type = None;
     let mut amqp_headers = Vec::new();
@@ -269,7 +274,11 @@ fn message_from_headers(
             )));
         }
     }
-    Ok((id, content_type, amqp_headers))
+    Ok(PublishHeaders {
+        id,
+        content_type,
+        headers: amqp_headers,
+    })
 }
 
 #[derive(Serialize)]
@@ -311,7 +320,11 @@ async fn publish(
         let exchange = amqp_exchange(&exchange)?;
         short_string("routing key", &routing_key, true)?;
         let (parts, body) = req.into_parts();
-        let (id, content_type, headers) = message_from_headers(&parts.headers)?;
+        let PublishHeaders {
+            id,
+            content_type,
+            headers,
+        } = message_from_headers(&parts.headers)?;
         let message_id = message_id(id)?;
         let body = read_body(body, &parts.headers, state.limits.max_message_bytes).await?;
         let msg = Message {

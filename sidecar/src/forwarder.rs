@@ -25,6 +25,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
@@ -36,6 +37,7 @@ use lapin::uri::AMQPUri;
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event, ExchangeKind,
 };
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -125,7 +127,8 @@ struct Session {
     cursor: u64,
     /// Read from the outbox, not yet published.
     ready: VecDeque<PendingEntry>,
-    blocked: bool,
+    /// Set while the broker blocks publishing (resource alarm).
+    blocked: Arc<AtomicBool>,
     /// Last confirm received (or unblock): measures a silent broker.
     last_progress: Instant,
 }
@@ -246,7 +249,18 @@ impl Forwarder {
         conn: &Connection,
         stop: &CancellationToken,
     ) -> Result<(), ForwardError> {
-        let mut events = conn.events_listener();
+        // Connection events are watched by a task of their own: a publish
+        // issued just before the broker blocks the connection waits inside
+        // lapin until it is unblocked, and the block must be visible (status,
+        // metrics) meanwhile.
+        let blocked = Arc::new(AtomicBool::new(false));
+        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+        let watcher = AbortOnDrop(tokio::spawn(watch_events(
+            conn.events_listener(),
+            self.status.clone(),
+            blocked.clone(),
+            ev_tx,
+        )));
         let channel = conn.create_channel().await.map_err(ForwardError::Lost)?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -261,19 +275,19 @@ impl Forwarder {
             inflight_exchange: HashMap::new(),
             cursor: 0,
             ready: VecDeque::new(),
-            blocked: false,
+            blocked,
             last_progress: Instant::now(),
         };
+        let _watcher = watcher;
         loop {
-            if !s.blocked {
-                self.fill(conn, &mut s).await?;
-            }
+            self.fill(conn, &mut s).await?;
             self.flush_done()?;
             self.metrics.inflight.set(s.inflight.len() as i64);
 
             let room = s.inflight.len() < self.cfg.window;
+            let is_blocked = s.blocked.load(Ordering::Acquire);
             let retry_at = self.due.first().map(|(t, _)| *t);
-            let silent_at = (!s.blocked && !s.inflight.is_empty())
+            let silent_at = (!is_blocked && !s.inflight.is_empty())
                 .then(|| s.last_progress + self.cfg.confirm_timeout);
             tokio::select! {
                 biased;
@@ -287,24 +301,17 @@ impl Forwarder {
                         self.on_confirm(&mut s, seq, size, res).await?;
                     }
                 }
-                ev = events.next() => match ev {
-                    Some(Event::ConnectionBlocked(reason)) => {
-                        tracing::warn!(%reason, "broker blocked publishing; holding messages in the outbox");
-                        s.blocked = true;
-                        self.status.blocked(reason);
-                    }
-                    Some(Event::ConnectionUnblocked) => {
-                        tracing::info!("broker unblocked publishing");
-                        s.blocked = false;
-                        s.last_progress = Instant::now();
-                        self.status.unblocked();
-                    }
-                    Some(Event::Error(e)) => return Err(ForwardError::Lost(e)),
+                ev = ev_rx.recv() => match ev {
+                    Some(Event::ConnectionUnblocked) => s.last_progress = Instant::now(),
+                    // Channel-level errors surface where the channel is used
+                    // (probe, publish, confirm); only connection errors end
+                    // the session here.
+                    Some(Event::Error(e)) if !e.is_amqp_soft_error() => return Err(ForwardError::Lost(e)),
                     Some(_) => {}
                     None => return Err(ForwardError::Connect("connection event stream ended".into())),
                 },
-                _ = self.outbox.wait_for_new(), if room && !s.blocked && s.ready.is_empty() => {}
-                _ = sleep_until_opt(retry_at), if retry_at.is_some() && room && !s.blocked => {}
+                _ = self.outbox.wait_for_new(), if room && !is_blocked && s.ready.is_empty() => {}
+                _ = sleep_until_opt(retry_at), if retry_at.is_some() && room && !is_blocked => {}
                 _ = sleep_until_opt(silent_at), if silent_at.is_some() => {
                     return Err(ForwardError::ConfirmTimeout(self.cfg.confirm_timeout));
                 }
@@ -314,7 +321,7 @@ impl Forwarder {
 
     /// Publishes until the window is full or nothing is ready.
     async fn fill(&mut self, conn: &Connection, s: &mut Session) -> Result<(), ForwardError> {
-        while s.inflight.len() < self.cfg.window {
+        while s.inflight.len() < self.cfg.window && !s.blocked.load(Ordering::Acquire) {
             let Some(entry) = self.next_candidate(s)? else {
                 break;
             };
@@ -550,6 +557,44 @@ impl Forwarder {
         self.metrics.forwarded.inc_by(self.done.len() as u64);
         self.done.clear();
         Ok(())
+    }
+}
+
+/// Aborts a task when dropped, so a session's helper tasks end with it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Follows a connection's events: records blocks and unblocks at once, and
+/// passes every event on to the session.
+async fn watch_events(
+    events: impl futures::Stream<Item = Event> + Send + 'static,
+    status: BrokerStatus,
+    blocked: Arc<AtomicBool>,
+    tx: mpsc::UnboundedSender<Event>,
+) {
+    let mut events = std::pin::pin!(events);
+    while let Some(ev) = events.next().await {
+        match &ev {
+            Event::ConnectionBlocked(reason) => {
+                tracing::warn!(%reason, "broker blocked publishing; holding messages in the outbox");
+                blocked.store(true, Ordering::Release);
+                status.blocked(reason.clone());
+            }
+            Event::ConnectionUnblocked => {
+                tracing::info!("broker unblocked publishing");
+                blocked.store(false, Ordering::Release);
+                status.unblocked();
+            }
+            _ => {}
+        }
+        if tx.send(ev).is_err() {
+            break;
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -12,7 +12,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// Why a publish request was refused.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum RejectReason {
     /// Malformed path, header, body or batch.
     Invalid,
@@ -27,7 +27,7 @@ pub enum RejectReason {
 }
 
 /// Why a forwarding attempt did not get a broker ack.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum FailReason {
     /// The broker answered basic.nack.
     Nack,
@@ -42,18 +42,47 @@ pub enum FailReason {
 }
 
 /// Outcome of a connection attempt.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum ConnResult {
     Connected,
     Failed,
 }
 
 /// Outbox area for size gauges.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum AreaLabel {
     Pending,
     Dead,
 }
+
+/// Label values are snake_case, as Prometheus conventions expect.
+macro_rules! snake_case_label {
+    ($ty:ty { $($variant:ident => $text:literal),* $(,)? }) => {
+        impl EncodeLabelValue for $ty {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                use std::fmt::Write;
+                encoder.write_str(match self { $(Self::$variant => $text),* })
+            }
+        }
+    };
+}
+
+snake_case_label!(RejectReason {
+    Invalid => "invalid",
+    TooLarge => "too_large",
+    OutboxFull => "outbox_full",
+    ShuttingDown => "shutting_down",
+    StorageFailed => "storage_failed",
+});
+snake_case_label!(FailReason {
+    Nack => "nack",
+    Unroutable => "unroutable",
+    Exchange => "exchange",
+    ChannelError => "channel_error",
+    Corrupt => "corrupt",
+});
+snake_case_label!(ConnResult { Connected => "connected", Failed => "failed" });
+snake_case_label!(AreaLabel { Pending => "pending", Dead => "dead" });
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectLabels {

@@ -121,7 +121,7 @@ fn msg(i: u64, rng: &mut StdRng) -> Message {
         message_id: format!("m-{i}"),
         exchange: "orders".into(),
         routing_key: format!("k.{}", i % 7),
-        content_type: (i % 2 == 0).then(|| "application/json".into()),
+        content_type: i.is_multiple_of(2).then(|| "application/json".into()),
         headers: vec![("n".into(), i.to_string())],
         body: Bytes::from(
             (0..len)
@@ -236,7 +236,7 @@ async fn run_case(seed: u64, fail_apply_at: Option<usize>, fail_flush_at: Option
     )
     .unwrap();
     let found = all_pending(&reopened);
-    let acked = acked.lock().unwrap();
+    let acked = acked.lock().unwrap().clone();
     for (seq, m) in acked.iter() {
         assert_eq!(
             found.get(seq),
@@ -244,7 +244,7 @@ async fn run_case(seed: u64, fail_apply_at: Option<usize>, fail_flush_at: Option
             "seed {seed}: acknowledged seq {seq} lost or changed after crash"
         );
     }
-    let attempted = attempted.lock().unwrap();
+    let attempted = attempted.lock().unwrap().clone();
     for m in found.values() {
         assert_eq!(
             attempted.get(&m.message_id),

@@ -60,6 +60,9 @@ pub enum OutboxError {
     Store(#[from] StoreError),
 }
 
+/// A dead-letter entry with its sequence number, or why it cannot be decoded.
+pub type DeadRecord = (u64, Result<DeadEntry, DecodeError>);
+
 /// A pending entry read back for forwarding.
 #[derive(Debug, Clone)]
 pub struct PendingEntry {
@@ -357,11 +360,7 @@ impl Outbox {
     }
 
     /// Up to `limit` dead entries with sequence ≥ `from`.
-    pub fn dead(
-        &self,
-        from: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, Result<DeadEntry, DecodeError>)>, StoreError> {
+    pub fn dead(&self, from: u64, limit: usize) -> Result<Vec<DeadRecord>, StoreError> {
         Ok(self
             .store
             .scan(Area::Dead, from, limit)?

@@ -1,0 +1,222 @@
+//! The sidecar as a separate process: killed with SIGKILL mid-stream,
+//! stopped with SIGTERM, restarted on the same data dir.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use warren_sidecar::metrics::Metrics;
+use warren_sidecar::outbox::{Durability, Limits, Outbox, SledStore};
+use warren_testkit::{Account, init_tracing};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sidecar_kill9_mid_stream_loses_nothing() {
+    init_tracing();
+    let node = start_node().await;
+    declare_topology(&node).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("outbox");
+    let mut sidecar = SidecarProcess::start(&data, &node.amqp_url(), &[]).await;
+    let account = Account::new();
+    let producers = Producers::start(
+        &sidecar.api,
+        &account,
+        "sk9",
+        8,
+        u64::MAX,
+        Duration::from_millis(2),
+    );
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        sidecar.kill9();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        sidecar.restart().await;
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    producers.stop().await;
+    wait_drained(&sidecar.api, Duration::from_secs(60)).await;
+    consume_all(&node.amqp_url(), QUEUE, &account, Duration::from_secs(60)).await;
+    let report = account.report();
+    println!("sidecar kill -9 x3: {report}");
+    account.assert_no_loss();
+    assert!(report.acked > 1000, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_refuses_new_work_keeps_the_rest_and_restart_forwards_it_first_in_order() {
+    init_tracing();
+    let node = start_node().await;
+    declare_topology(&node).await;
+    let node = on_node(node, |n| n.stop()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("outbox");
+    let mut sidecar = SidecarProcess::start(&data, &node.amqp_url(), &["--drain-timeout=3s"]).await;
+    let http = client();
+    let account = Account::new();
+    for i in 0..200 {
+        let id = format!("old-{i:04}");
+        assert!(
+            publish(
+                &http,
+                &sidecar.api,
+                EXCHANGE,
+                KEY,
+                &id,
+                id.as_bytes().to_vec()
+            )
+            .await
+            .unwrap()
+        );
+        account.record_acked(id);
+    }
+
+    // SIGTERM with the broker down: new publishes get 503 while the sidecar
+    // tries to drain, then it exits cleanly with the messages on disk.
+    let pid = sidecar.pid();
+    // SAFETY: plain kill(2) on our own child.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGTERM);
+    }
+    let api = sidecar.api.clone();
+    let admin = sidecar.admin.clone();
+    wait_until(
+        Duration::from_secs(2),
+        "publishes to be refused with 503",
+        || {
+            let (http, api) = (http.clone(), api.clone());
+            async move {
+                let resp = http
+                    .post(format!("{api}/v1/publish/{EXCHANGE}/{KEY}"))
+                    .body("late")
+                    .send()
+                    .await;
+                match resp {
+                    Ok(r) if r.status() == 503 => {
+                        let body: serde_json::Value = r.json().await.unwrap();
+                        assert_eq!(body["error"], "shutting_down");
+                        true
+                    }
+                    Ok(r) => {
+                        assert_eq!(r.status(), 202, "only 202 or 503 while shutting down");
+                        false
+                    }
+                    Err(e) => {
+                        panic!("the sidecar stopped listening before the drain deadline: {e}")
+                    }
+                }
+            }
+        },
+    )
+    .await;
+    let ready = http.get(format!("{admin}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503, "not ready while shutting down");
+    let status = sidecar.terminate(Duration::from_secs(10)).await;
+    assert!(
+        status.success(),
+        "clean exit after the drain deadline: {status:?}"
+    );
+
+    // Everything is still on disk.
+    {
+        let store = SledStore::open(&data, 1 << 20, None).unwrap();
+        let outbox = Outbox::open(
+            Arc::new(store),
+            Limits {
+                max_messages: u64::MAX,
+                max_bytes: u64::MAX,
+            },
+            Durability::Flush,
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        assert!(outbox.stats().pending >= 200, "{:?}", outbox.stats());
+    }
+
+    // Broker back, sidecar restarted: the old messages go first, in order,
+    // before anything published after the restart.
+    let node = on_node(node, |n| n.start_again()).await;
+    sidecar.restart().await;
+    for i in 0..100 {
+        let id = format!("new-{i:04}");
+        assert!(
+            publish(
+                &http,
+                &sidecar.api,
+                EXCHANGE,
+                KEY,
+                &id,
+                id.as_bytes().to_vec()
+            )
+            .await
+            .unwrap()
+        );
+        account.record_acked(id);
+    }
+    wait_drained(&sidecar.api, Duration::from_secs(60)).await;
+    let received = consume_all(&node.amqp_url(), QUEUE, &account, Duration::from_secs(30)).await;
+    println!("SIGTERM + restart: {}", account.report());
+    account.assert_no_loss();
+    let old: Vec<&str> = received
+        .iter()
+        .map(|(id, _)| id.as_str())
+        .filter(|id| id.starts_with("old-"))
+        .collect();
+    let mut sorted = old.clone();
+    sorted.sort();
+    assert_eq!(
+        old, sorted,
+        "left-over messages are forwarded in outbox order"
+    );
+    let first_new = received
+        .iter()
+        .position(|(id, _)| id.starts_with("new-"))
+        .unwrap();
+    let last_old = received
+        .iter()
+        .rposition(|(id, _)| id.starts_with("old-"))
+        .unwrap();
+    assert!(
+        last_old < first_new,
+        "left-over messages go before new ones"
+    );
+
+    // With the broker up, SIGTERM drains everything before exiting.
+    for i in 0..300 {
+        let id = format!("drain-{i}");
+        assert!(
+            publish(
+                &http,
+                &sidecar.api,
+                EXCHANGE,
+                KEY,
+                &id,
+                id.as_bytes().to_vec()
+            )
+            .await
+            .unwrap()
+        );
+        account.record_acked(id);
+    }
+    let status = sidecar.terminate(Duration::from_secs(20)).await;
+    assert!(status.success());
+    let store = SledStore::open(&data, 1 << 20, None).unwrap();
+    let outbox = Outbox::open(
+        Arc::new(store),
+        Limits {
+            max_messages: u64::MAX,
+            max_bytes: u64::MAX,
+        },
+        Durability::Flush,
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    assert_eq!(
+        outbox.stats().pending,
+        0,
+        "SIGTERM with a reachable broker drains the outbox"
+    );
+    consume_all(&node.amqp_url(), QUEUE, &account, Duration::from_secs(30)).await;
+    account.assert_no_loss();
+}
