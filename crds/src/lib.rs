@@ -6,6 +6,13 @@
 //!   one place.
 //! - [`backoff`]: the retry delay schedule of a retry policy, and the delay
 //!   tiers (one queue per distinct delay) it turns into.
+//! - [`retry`]: a retry policy (`RetryPolicy`'s spec): retries, backoff,
+//!   delay strategy and which app answers are retried.
+//! - [`sidecar_config`]: the sidecar's consumer configuration.
+//! - [`duration`]: durations written as `4s` or `1m30s`.
 
 pub mod backoff;
+pub mod duration;
 pub mod names;
+pub mod retry;
+pub mod sidecar_config;

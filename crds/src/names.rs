@@ -17,6 +17,12 @@ pub fn retry_tier_queue(queue: &str, delay: Duration) -> String {
     format!("{queue}.retry.{}", format_delay(delay))
 }
 
+/// The routing key under which the tier queue for `delay` is bound to the
+/// retry exchange: the delay as [`format_delay`] writes it (`4s`).
+pub fn retry_tier_routing_key(delay: Duration) -> String {
+    format_delay(delay)
+}
+
 /// The default parking lot of queue `queue`: `Q.parked`.
 pub fn parking_lot(queue: &str) -> String {
     format!("{queue}.parked")
@@ -49,6 +55,7 @@ mod tests {
             "orders.retry.4s"
         );
         assert_eq!(parking_lot("orders"), "orders.parked");
+        assert_eq!(retry_tier_routing_key(Duration::from_secs(4)), "4s");
     }
 
     #[test]

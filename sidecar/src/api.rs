@@ -22,6 +22,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::consumer::{ConsumerSnapshot, ConsumerState};
 use crate::metrics::{AreaLabel, AreaLabels, Metrics, RejectReason};
 use crate::outbox::{Durability, Limits, Message, Outbox, OutboxError, now_ms};
 use crate::status::{BrokerSnapshot, BrokerStatus, ConnState};
@@ -58,6 +59,8 @@ pub struct AppState {
     pub limits: RequestLimits,
     /// Outbox limits, reported by `GET /v1/outbox`.
     pub outbox_limits: Limits,
+    /// The consumer's subscriptions (no queues when none are configured).
+    pub consumer: ConsumerState,
 }
 
 /// A refusal, rendered as a JSON error body.
@@ -119,6 +122,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/outbox", get(outbox_status))
         .route("/v1/outbox/dead", get(dead_list))
         .route("/v1/outbox/dead/{seq}/retry", post(dead_retry))
+        .route("/v1/consumer", get(consumer_status))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -561,6 +565,10 @@ fn report(state: &AppState) -> Result<OutboxReport, ApiError> {
         max_bytes: state.outbox_limits.max_bytes,
         broker: serde_json::to_value(broker).unwrap_or_default(),
     })
+}
+
+async fn consumer_status(State(state): State<Arc<AppState>>) -> Json<ConsumerSnapshot> {
+    Json(state.consumer.snapshot())
 }
 
 async fn outbox_status(State(state): State<Arc<AppState>>) -> Result<Json<OutboxReport>, ApiError> {

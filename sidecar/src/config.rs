@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use warren_crds::sidecar_config::SidecarConfig;
+
 use crate::outbox::Durability;
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -125,6 +127,17 @@ pub struct Config {
     #[arg(long, env = "WARREN_OUTBOX_CACHE_BYTES", default_value_t = 16 << 20)]
     pub outbox_cache_bytes: u64,
 
+    /// Consumer configuration file (YAML or JSON): the queues to consume,
+    /// the app's delivery URL and the retry policies. Without it the
+    /// sidecar only publishes.
+    #[arg(long, env = "WARREN_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// The consumer configuration itself, for embedding (takes precedence
+    /// over `--config`).
+    #[arg(skip)]
+    pub consumer: Option<SidecarConfig>,
+
     /// Log format.
     #[arg(long, env = "WARREN_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -157,6 +170,23 @@ impl Config {
         Ok(())
     }
 
+    /// The consumer configuration: `consumer` if set, else the `--config`
+    /// file, else none. Checked as a whole.
+    pub fn consumer_config(&self) -> anyhow::Result<Option<SidecarConfig>> {
+        let config = match (&self.consumer, &self.config) {
+            (Some(c), _) => c.clone(),
+            (None, Some(path)) => load_consumer_config(path)?,
+            (None, None) => return Ok(None),
+        };
+        config.validate().map_err(|e| match &self.config {
+            Some(path) if self.consumer.is_none() => {
+                anyhow::anyhow!("invalid consumer config {}: {e}", path.display())
+            }
+            _ => anyhow::anyhow!("invalid consumer config: {e}"),
+        })?;
+        Ok((!config.queues.is_empty()).then_some(config))
+    }
+
     /// A configuration for tests and embedding: loopback listeners on
     /// ephemeral ports and defaults for everything else.
     pub fn for_local(broker_url: &str, data_dir: PathBuf) -> Self {
@@ -171,6 +201,14 @@ impl Config {
         c.admin_listen = "127.0.0.1:0".parse().unwrap();
         c
     }
+}
+
+/// Reads a consumer configuration file (YAML, of which JSON is a subset).
+pub fn load_consumer_config(path: &std::path::Path) -> anyhow::Result<SidecarConfig> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read consumer config {}: {e}", path.display()))?;
+    serde_yaml_ng::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("cannot parse consumer config {}: {e}", path.display()))
 }
 
 /// The broker URL with any password replaced, for logs and status.
@@ -224,5 +262,40 @@ mod tests {
             ..c
         };
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn consumer_config_files_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config::for_local("amqp://localhost", dir.path().into());
+        assert!(c.consumer_config().unwrap().is_none());
+
+        let path = dir.path().join("warren.yaml");
+        std::fs::write(
+            &path,
+            "app:\n  url: http://127.0.0.1:8080/m\n  timeout: 5s\nqueues:\n  - name: orders\n    retryPolicy:\n      maxRetries: 2\n      backoff: {initial: 500ms}\n",
+        )
+        .unwrap();
+        c.config = Some(path.clone());
+        let cfg = c.consumer_config().unwrap().unwrap();
+        assert_eq!(cfg.queues[0].name, "orders");
+        assert_eq!(cfg.queues[0].retry_policy.max_retries, 2);
+        assert_eq!(cfg.app.unwrap().timeout.0, Duration::from_secs(5));
+
+        std::fs::write(
+            &path,
+            "app: {url: http://x/}\nqueues: [{name: q, prefetch: 0}]\n",
+        )
+        .unwrap();
+        let e = c.consumer_config().unwrap_err().to_string();
+        assert!(e.contains("warren.yaml") && e.contains("prefetch"), "{e}");
+
+        std::fs::write(&path, "queues: [{nme: q}]\n").unwrap();
+        let e = c.consumer_config().unwrap_err().to_string();
+        assert!(e.contains("cannot parse") && e.contains("nme"), "{e}");
+
+        c.config = Some(dir.path().join("missing.yaml"));
+        let e = c.consumer_config().unwrap_err().to_string();
+        assert!(e.contains("cannot read consumer config"), "{e}");
     }
 }

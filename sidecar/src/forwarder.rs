@@ -31,16 +31,13 @@ use std::time::Duration;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::uri::AMQPUri;
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event, ExchangeKind,
-};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, Event, ExchangeKind};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::{self, BrokerSettings, ConnectError, backoff, describe, jittered};
 use crate::metrics::{ConnLabels, ConnResult, FailReason, Metrics};
 use crate::outbox::{Outbox, OutboxError, PendingEntry, StoreError};
 use crate::status::BrokerStatus;
@@ -73,10 +70,10 @@ pub struct ForwarderConfig {
 /// Why a forwarding session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
-    #[error("cannot connect to the broker: {0}")]
-    Connect(String),
-    #[error("connection attempt timed out after {0:?}")]
-    ConnectTimeout(Duration),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("broker connection event stream ended")]
+    EventsEnded,
     #[error("broker connection lost: {0}")]
     Lost(lapin::Error),
     #[error("no publisher confirm for {0:?} with messages in flight; connection presumed dead")]
@@ -218,30 +215,13 @@ impl Forwarder {
     }
 
     async fn connect(&self) -> Result<Connection, ForwardError> {
-        let mut uri: AMQPUri = self
-            .cfg
-            .url
-            .parse()
-            .map_err(|e: String| ForwardError::Connect(format!("invalid broker URL: {e}")))?;
-        uri.query
-            .heartbeat
-            .get_or_insert(self.cfg.heartbeat.as_secs().clamp(1, u16::MAX as u64) as u16);
-        uri.query
-            .connection_timeout
-            .get_or_insert(self.cfg.connect_timeout.as_millis() as u64);
-        let tls = OwnedTLSConfig {
-            identity: None,
-            cert_chain: self.cfg.tls_ca_pem.clone(),
+        let settings = BrokerSettings {
+            url: self.cfg.url.clone(),
+            tls_ca_pem: self.cfg.tls_ca_pem.clone(),
+            heartbeat: self.cfg.heartbeat,
+            connect_timeout: self.cfg.connect_timeout,
         };
-        let props = ConnectionProperties::default().with_connection_name("warren-sidecar".into());
-        let runtime =
-            lapin::runtime::default_runtime().map_err(|e| ForwardError::Connect(e.to_string()))?;
-        let connect = Connection::connect_uri_with_config(uri, props, tls, runtime);
-        match tokio::time::timeout(self.cfg.connect_timeout, connect).await {
-            Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(e)) => Err(ForwardError::Connect(describe(&e))),
-            Err(_) => Err(ForwardError::ConnectTimeout(self.cfg.connect_timeout)),
-        }
+        Ok(broker::connect(&settings, "warren-sidecar").await?)
     }
 
     async fn session(
@@ -308,7 +288,7 @@ impl Forwarder {
                     // the session here.
                     Some(Event::Error(e)) if !e.is_amqp_soft_error() => return Err(ForwardError::Lost(e)),
                     Some(_) => {}
-                    None => return Err(ForwardError::Connect("connection event stream ended".into())),
+                    None => return Err(ForwardError::EventsEnded),
                 },
                 _ = self.outbox.wait_for_new(), if room && !is_blocked && s.ready.is_empty() => {}
                 _ = sleep_until_opt(retry_at), if retry_at.is_some() && room && !is_blocked => {}
@@ -625,27 +605,6 @@ fn exchange_in(text: &str) -> Option<&str> {
     Some(&text[start..start + len])
 }
 
-/// The error with the broker's own reply text where there is one.
-fn describe(e: &lapin::Error) -> String {
-    match e.kind() {
-        lapin::ErrorKind::ProtocolError(amqp) => {
-            format!("{} {}", amqp.get_id(), amqp.get_message())
-        }
-        _ => e.to_string(),
-    }
-}
-
-/// `initial × 2^attempt`, capped at `max`.
-pub fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
-    initial.saturating_mul(1u32 << attempt.min(20)).min(max)
-}
-
-/// Equal jitter: half fixed, half random, so many clients spread out but
-/// none retries much sooner than asked.
-fn jittered(d: Duration) -> Duration {
-    d / 2 + d.mul_f64(rand::random::<f64>() / 2.0)
-}
-
 async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -673,25 +632,5 @@ mod tests {
             exchange_in("PRECONDITION_FAILED - message size 5 is larger"),
             None
         );
-    }
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        let (i, m) = (Duration::from_millis(100), Duration::from_secs(1));
-        assert_eq!(backoff(i, m, 0), Duration::from_millis(100));
-        assert_eq!(backoff(i, m, 3), Duration::from_millis(800));
-        assert_eq!(backoff(i, m, 4), Duration::from_secs(1));
-        assert_eq!(backoff(i, m, u32::MAX), Duration::from_secs(1));
-    }
-
-    #[test]
-    fn jitter_stays_within_half_and_full() {
-        for _ in 0..1000 {
-            let j = jittered(Duration::from_secs(2));
-            assert!(
-                j >= Duration::from_secs(1) && j <= Duration::from_secs(2),
-                "{j:?}"
-            );
-        }
     }
 }

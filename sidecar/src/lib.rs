@@ -7,16 +7,25 @@
 //! broker outages, network cuts, and crashes or restarts of the sidecar
 //! delay messages but do not lose them.
 //!
+//! With a consumer configuration (`--config`), the [`consumer`] also
+//! consumes queues for the app: it POSTs each message to the app and turns
+//! failures into retries with backoff and, in the end, a parked copy.
+//!
 //! Layout:
 //! - [`config`]: flags and `WARREN_*` environment fallbacks;
 //! - [`outbox`]: the storage trait, the sled engine, the record framing and
 //!   the outbox with group commit and limits;
+//! - [`broker`]: connecting to the broker, shared by both directions;
 //! - [`forwarder`]: connection management, confirms, retry and dead-letter;
+//! - [`consumer`]: consumes queues for the app, delivers over HTTP, retries
+//!   with backoff and parks what cannot be processed;
 //! - [`api`]: the app-facing API and the admin endpoints;
 //! - [`status`], [`metrics`]: what the sidecar reports about itself.
 
 pub mod api;
+pub mod broker;
 pub mod config;
+pub mod consumer;
 pub mod forwarder;
 pub mod metrics;
 pub mod outbox;
@@ -33,7 +42,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{AppState, RequestLimits};
+use crate::broker::BrokerSettings;
 use crate::config::{Config, redact_url};
+use crate::consumer::{Consumer, ConsumerSettings, ConsumerState};
 use crate::forwarder::{Forwarder, ForwarderConfig};
 use crate::metrics::Metrics;
 use crate::outbox::{Durability, Limits, Outbox, SledStore, Stats};
@@ -49,6 +60,8 @@ pub struct Running {
     pub outbox: Arc<Outbox>,
     /// The broker connection state.
     pub status: BrokerStatus,
+    /// The consumer's subscriptions.
+    pub consumer: ConsumerState,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<Stats>>,
 }
@@ -98,12 +111,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         ),
         None => None,
     };
+    let consumer_config = cfg.consumer_config()?;
     let status = BrokerStatus::new(redact_url(&cfg.broker_url), metrics.clone());
     let forwarder = Forwarder::new(
         outbox.clone(),
         ForwarderConfig {
             url: cfg.broker_url.clone(),
-            tls_ca_pem,
+            tls_ca_pem: tls_ca_pem.clone(),
             window: cfg.confirm_window,
             confirm_timeout: cfg.confirm_timeout,
             heartbeat: cfg.heartbeat,
@@ -120,6 +134,36 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let stop_forwarder = CancellationToken::new();
     let forwarder = tokio::spawn(forwarder.run(stop_forwarder.clone()));
 
+    let consumer_state = ConsumerState::new(
+        consumer_config
+            .iter()
+            .flat_map(|c| c.queues.iter().map(|q| q.name.as_str())),
+    );
+    let stop_consumer = CancellationToken::new();
+    let consumer = match consumer_config {
+        Some(config) => {
+            let consumer = Consumer::new(
+                ConsumerSettings {
+                    broker: BrokerSettings {
+                        url: cfg.broker_url.clone(),
+                        tls_ca_pem: tls_ca_pem.clone(),
+                        heartbeat: cfg.heartbeat,
+                        connect_timeout: cfg.connect_timeout,
+                    },
+                    reconnect_initial: cfg.reconnect_initial,
+                    reconnect_max: cfg.reconnect_max,
+                    config,
+                },
+                metrics.clone(),
+                consumer_state.clone(),
+            )?;
+            Some(tokio::spawn(
+                consumer.run(stop_consumer.clone(), cfg.drain_timeout),
+            ))
+        }
+        None => None,
+    };
+
     let state = Arc::new(AppState {
         outbox: outbox.clone(),
         status: status.clone(),
@@ -131,6 +175,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             max_batch_messages: cfg.max_batch_messages,
         },
         outbox_limits: limits,
+        consumer: consumer_state.clone(),
     });
     let api_listener = TcpListener::bind(cfg.listen)
         .await
@@ -166,9 +211,15 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                 ?drain_timeout,
                 "shutting down; draining the outbox"
             );
+            // The consumer stops taking deliveries and finishes those in
+            // hand while the outbox drains.
+            stop_consumer.cancel();
             let deadline = Instant::now() + drain_timeout;
             while outbox.stats().pending > 0 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if let Some(consumer) = consumer {
+                let _ = consumer.await;
             }
             stop_forwarder.cancel();
             let _ = forwarder.await;
@@ -196,6 +247,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         admin_addr,
         outbox,
         status,
+        consumer: consumer_state,
         shutdown,
         task,
     })

@@ -55,6 +55,30 @@ pub enum AreaLabel {
     Dead,
 }
 
+/// What became of a delivery.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Outcome {
+    /// The app answered 2xx; acknowledged.
+    Acked,
+    /// Republished for a retry, then acknowledged.
+    Retried,
+    /// Republished to the parking lot, then acknowledged.
+    Parked,
+    /// Handed back to the broker unprocessed or after a failed republish
+    /// (`basic.nack` with requeue); the broker delivers it again.
+    Requeued,
+    /// The acknowledgement could not be sent (channel gone); the broker
+    /// delivers it again.
+    AckFailed,
+}
+
+/// Why a message was parked.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum ParkLabel {
+    NonRetryable,
+    RetriesExhausted,
+}
+
 /// Label values are snake_case, as Prometheus conventions expect.
 macro_rules! snake_case_label {
     ($ty:ty { $($variant:ident => $text:literal),* $(,)? }) => {
@@ -81,6 +105,17 @@ snake_case_label!(FailReason {
     ChannelError => "channel_error",
     Corrupt => "corrupt",
 });
+snake_case_label!(Outcome {
+    Acked => "acked",
+    Retried => "retried",
+    Parked => "parked",
+    Requeued => "requeued",
+    AckFailed => "ack_failed",
+});
+snake_case_label!(ParkLabel {
+    NonRetryable => "non_retryable",
+    RetriesExhausted => "retries_exhausted",
+});
 snake_case_label!(ConnResult { Connected => "connected", Failed => "failed" });
 snake_case_label!(AreaLabel { Pending => "pending", Dead => "dead" });
 
@@ -102,6 +137,37 @@ pub struct ConnLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AreaLabels {
     pub area: AreaLabel,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    pub queue: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub queue: String,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub queue: String,
+    /// The retry number (1 for the first retry); bounded by the policy's
+    /// `maxRetries`.
+    pub attempt: u32,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ParkLabels {
+    pub queue: String,
+    pub reason: ParkLabel,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
 /// Every metric the sidecar exports.
@@ -136,6 +202,23 @@ pub struct Metrics {
     pub flush_duration: Histogram,
     /// Writers served per flush (group commit width).
     pub flush_batch: Histogram,
+    /// Deliveries received from the broker, by queue.
+    pub deliveries: Family<QueueLabels, Counter>,
+    /// What became of deliveries, by queue and outcome.
+    pub delivery_outcomes: Family<OutcomeLabels, Counter>,
+    /// Retries scheduled, by queue and retry number.
+    pub retries: Family<RetryLabels, Counter>,
+    /// Messages parked, by queue and reason.
+    pub parked: Family<ParkLabels, Counter>,
+    /// Time the app took to answer a delivery (or to time out).
+    pub app_latency: HistogramFamily<QueueLabels>,
+    /// Deliveries being handled (waiting for a slot, at the app, or being
+    /// republished).
+    pub deliveries_in_flight: Gauge,
+    /// 1 while the queue's subscription is active.
+    pub subscribed: Family<QueueLabels, Gauge>,
+    /// Subscriptions re-established after they ended.
+    pub resubscriptions: Family<QueueLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -164,6 +247,14 @@ impl Metrics {
             oldest_pending_age: Gauge::default(),
             flush_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             flush_batch: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            deliveries: Family::default(),
+            delivery_outcomes: Family::default(),
+            retries: Family::default(),
+            parked: Family::default(),
+            app_latency: Family::new_with_constructor(latency_histogram),
+            deliveries_in_flight: Gauge::default(),
+            subscribed: Family::default(),
+            resubscriptions: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -241,6 +332,46 @@ impl Metrics {
             "Writers served by one flush",
             m.flush_batch.clone(),
         );
+        registry.register(
+            "deliveries",
+            "Deliveries received from the broker, by queue",
+            m.deliveries.clone(),
+        );
+        registry.register(
+            "delivery_outcomes",
+            "What became of deliveries, by queue and outcome",
+            m.delivery_outcomes.clone(),
+        );
+        registry.register(
+            "delivery_retries",
+            "Retries scheduled, by queue and retry number",
+            m.retries.clone(),
+        );
+        registry.register(
+            "parked",
+            "Messages moved to the parking lot, by queue and reason",
+            m.parked.clone(),
+        );
+        registry.register(
+            "app_latency_seconds",
+            "Time the app took to answer a delivery, by queue",
+            m.app_latency.clone(),
+        );
+        registry.register(
+            "deliveries_in_flight",
+            "Deliveries being handled",
+            m.deliveries_in_flight.clone(),
+        );
+        registry.register(
+            "subscribed",
+            "1 while the queue's subscription is active",
+            m.subscribed.clone(),
+        );
+        registry.register(
+            "resubscriptions",
+            "Subscriptions re-established after they ended, by queue",
+            m.resubscriptions.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -259,6 +390,16 @@ impl Metrics {
     pub fn forward_failed(&self, reason: FailReason) {
         self.forward_failures
             .get_or_create(&FailLabels { reason })
+            .inc();
+    }
+
+    /// Counts what became of a delivery from `queue`.
+    pub fn delivery_outcome(&self, queue: &str, outcome: Outcome) {
+        self.delivery_outcomes
+            .get_or_create(&OutcomeLabels {
+                queue: queue.to_owned(),
+                outcome,
+            })
             .inc();
     }
 
