@@ -27,7 +27,7 @@ use crate::retry::{RetryPolicyError, RetryPolicySpec};
 pub const HOLD_MARGIN: Duration = Duration::from_secs(5);
 
 /// The whole consumer configuration.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SidecarConfig {
     /// Where messages are delivered. Required when `queues` is not empty.
@@ -45,6 +45,16 @@ pub struct SidecarConfig {
 
 fn default_consumer_timeout() -> HumanDuration {
     HumanDuration::from_secs(30 * 60)
+}
+
+impl Default for SidecarConfig {
+    fn default() -> Self {
+        Self {
+            app: None,
+            queues: Vec::new(),
+            consumer_timeout: default_consumer_timeout(),
+        }
+    }
 }
 
 /// The app's delivery endpoint.
@@ -220,6 +230,10 @@ mod tests {
         assert_eq!(c.queues[0].parking_lot(), "orders.parked");
         assert_eq!(c.queues[0].retry_policy, RetryPolicySpec::default());
         assert!(SidecarConfig::default().validate().is_ok());
+        assert_eq!(
+            SidecarConfig::default().consumer_timeout,
+            c.consumer_timeout
+        );
     }
 
     #[test]

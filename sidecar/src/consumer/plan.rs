@@ -501,8 +501,10 @@ mod tests {
     use warren_crds::retry::StatusPattern;
 
     fn policy() -> RetryPolicySpec {
-        let mut p = RetryPolicySpec::default();
-        p.max_retries = 4;
+        let mut p = RetryPolicySpec {
+            max_retries: 4,
+            ..Default::default()
+        };
         p.backoff.initial = HumanDuration::from_secs(1);
         p.backoff.max = HumanDuration::from_secs(5);
         p.backoff.jitter = 0.5;
