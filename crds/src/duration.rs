@@ -108,6 +108,21 @@ impl From<HumanDuration> for Duration {
     }
 }
 
+#[cfg(feature = "kube")]
+impl schemars::JsonSchema for HumanDuration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "HumanDuration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^([0-9]+(ms|s|m|h))+$",
+            "description": "A duration: numbers with units ms, s, m, h, e.g. \"500ms\", \"4s\", \"1m30s\"."
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,9 +10,16 @@
 //!   delay strategy and which app answers are retried.
 //! - [`sidecar_config`]: the sidecar's consumer configuration.
 //! - [`duration`]: durations written as `4s` or `1m30s`.
+//! - with the `kube` feature, the custom resources: [`reliable_queue`]
+//!   (`ReliableQueue`) and [`retry_policy`] (`RetryPolicy`), group
+//!   `warren.dev`, version `v1alpha1`.
 
 pub mod backoff;
 pub mod duration;
 pub mod names;
+#[cfg(feature = "kube")]
+pub mod reliable_queue;
 pub mod retry;
+#[cfg(feature = "kube")]
+pub mod retry_policy;
 pub mod sidecar_config;

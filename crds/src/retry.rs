@@ -16,8 +16,25 @@ use crate::duration::HumanDuration;
 /// message retried more often than this belongs in the parking lot.
 pub const MAX_RETRIES_LIMIT: u32 = 100;
 
-/// The spec of a `RetryPolicy`.
+/// How failed deliveries are retried: how often, how fast, how the delay is
+/// realised on the broker, and which app answers are worth a retry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(kube::CustomResource, schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "kube",
+    kube(
+        group = "warren.dev",
+        version = "v1alpha1",
+        kind = "RetryPolicy",
+        namespaced,
+        shortname = "rp",
+        status = "crate::retry_policy::RetryPolicyStatus",
+        printcolumn = r#"{"name":"Max Retries","type":"integer","jsonPath":".spec.maxRetries"}"#,
+        printcolumn = r#"{"name":"Strategy","type":"string","jsonPath":".spec.delayStrategy"}"#,
+        printcolumn = r#"{"name":"Tiers","type":"string","jsonPath":".status.tiers"}"#,
+        printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    )
+)]
 #[serde(rename_all = "camelCase")]
 pub struct RetryPolicySpec {
     /// Retries after the first delivery; a message that fails once more is
@@ -67,6 +84,7 @@ impl Default for RetryPolicySpec {
 /// Exponential backoff as written in a policy: delay = initial ×
 /// multiplier^attempt, capped at max, plus up to `jitter` × delay at random.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct BackoffSpec {
     /// Delay before the first retry. Default `1s`.
@@ -125,6 +143,7 @@ impl From<BackoffSpec> for Backoff {
 
 /// How a retry's delay is realised on the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum DelayStrategy {
     /// One quorum queue per distinct delay (`Q.retry.<delay>`) with that
@@ -272,6 +291,21 @@ impl<'de> Deserialize<'de> for StatusPattern {
             Raw::Text(s) => s,
         };
         text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(feature = "kube")]
+impl schemars::JsonSchema for StatusPattern {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "StatusPattern".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^[1-5]([0-9][0-9]|xx|XX)$",
+            "description": "An HTTP status code (\"503\") or a class (\"5xx\")."
+        })
     }
 }
 
