@@ -1,0 +1,225 @@
+//! Reading Warren resources from YAML files (`warren-operator apply -f`),
+//! and the broker URL's parts.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use warren_crds::reliable_queue::ReliableQueue;
+use warren_crds::retry_policy::RetryPolicy;
+
+/// The Warren resources found in some files.
+#[derive(Debug, Default)]
+pub struct Manifests {
+    pub queues: Vec<ReliableQueue>,
+    /// By name.
+    pub policies: BTreeMap<String, RetryPolicy>,
+    /// Documents of other kinds (Secrets, Deployments…), skipped.
+    pub skipped: Vec<String>,
+}
+
+/// Why the files could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("cannot read {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("{path}: document {index}: {message}")]
+    Parse {
+        path: PathBuf,
+        index: usize,
+        message: String,
+    },
+    #[error("{path}: RetryPolicy {name:?} is defined twice")]
+    DuplicatePolicy { path: PathBuf, name: String },
+}
+
+#[derive(Deserialize)]
+struct Head {
+    #[serde(default, rename = "apiVersion")]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+}
+
+impl Manifests {
+    /// Reads every YAML document of every file.
+    pub fn read(paths: &[PathBuf]) -> Result<Self, ManifestError> {
+        let mut out = Manifests::default();
+        for path in paths {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| ManifestError::Read(path.clone(), e))?;
+            out.add(path, &text)?;
+        }
+        Ok(out)
+    }
+
+    /// Adds the documents of one file's text.
+    pub fn add(&mut self, path: &Path, text: &str) -> Result<(), ManifestError> {
+        for (index, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+            let parse_err = |message: String| ManifestError::Parse {
+                path: path.to_owned(),
+                index: index + 1,
+                message,
+            };
+            let value =
+                serde_yaml_ng::Value::deserialize(doc).map_err(|e| parse_err(e.to_string()))?;
+            if value.is_null() {
+                continue;
+            }
+            let head: Head =
+                serde_yaml_ng::from_value(value.clone()).map_err(|e| parse_err(e.to_string()))?;
+            match (head.api_version.as_str(), head.kind.as_str()) {
+                ("warren.dev/v1alpha1", "ReliableQueue") => {
+                    let rq: ReliableQueue = serde_yaml_ng::from_value(value)
+                        .map_err(|e| parse_err(format!("ReliableQueue: {e}")))?;
+                    self.queues.push(rq);
+                }
+                ("warren.dev/v1alpha1", "RetryPolicy") => {
+                    let rp: RetryPolicy = serde_yaml_ng::from_value(value)
+                        .map_err(|e| parse_err(format!("RetryPolicy: {e}")))?;
+                    let name = rp.metadata.name.clone().unwrap_or_default();
+                    if self.policies.insert(name.clone(), rp).is_some() {
+                        return Err(ManifestError::DuplicatePolicy {
+                            path: path.to_owned(),
+                            name,
+                        });
+                    }
+                }
+                (api, kind) => self.skipped.push(format!("{kind} ({api})")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The parts of an `amqp://user:pass@host:port/vhost` URL the management
+/// API needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub username: String,
+    pub password: String,
+    pub host: String,
+    pub tls: bool,
+}
+
+impl BrokerUrl {
+    /// Parses an amqp:// or amqps:// URL (default credentials guest/guest).
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+            "the broker URL must look like amqp://user:pass@host:5672/vhost".to_owned()
+        })?;
+        let tls = match scheme {
+            "amqp" => false,
+            "amqps" => true,
+            other => {
+                return Err(format!(
+                    "unsupported broker URL scheme {other:?}: use amqp or amqps"
+                ));
+            }
+        };
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let (username, password) = match userinfo {
+            Some(u) => match u.split_once(':') {
+                Some((user, pass)) => (percent_decode(user)?, percent_decode(pass)?),
+                None => (percent_decode(u)?, String::new()),
+            },
+            None => ("guest".into(), "guest".into()),
+        };
+        let host = if let Some(v6) = hostport.strip_prefix('[') {
+            format!("[{}]", v6.split(']').next().unwrap_or_default())
+        } else {
+            hostport.split(':').next().unwrap_or_default().to_owned()
+        };
+        if host.is_empty() || host == "[]" {
+            return Err("the broker URL has no host".into());
+        }
+        Ok(Self {
+            username,
+            password,
+            host,
+            tls,
+        })
+    }
+
+    /// The management API's default URL: the broker's host, port 15672
+    /// (15671 with TLS).
+    pub fn default_management_url(&self) -> String {
+        if self.tls {
+            format!("https://{}:15671", self.host)
+        } else {
+            format!("http://{}:15672", self.host)
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("invalid percent-encoding in {s:?}"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls_give_credentials_and_host() {
+        let u = BrokerUrl::parse("amqp://app:s3cr%40t@rabbit.prod:5672/%2f").unwrap();
+        assert_eq!(u.username, "app");
+        assert_eq!(u.password, "s3cr@t");
+        assert_eq!(u.host, "rabbit.prod");
+        assert_eq!(u.default_management_url(), "http://rabbit.prod:15672");
+        let u = BrokerUrl::parse("amqps://[::1]:5671").unwrap();
+        assert_eq!((u.username.as_str(), u.host.as_str()), ("guest", "[::1]"));
+        assert_eq!(u.default_management_url(), "https://[::1]:15671");
+        assert!(BrokerUrl::parse("http://x").is_err());
+        assert!(BrokerUrl::parse("amqp://u:p@/").is_err());
+        assert!(BrokerUrl::parse("amqp://u:%zz@h").is_err());
+    }
+
+    #[test]
+    fn documents_are_sorted_by_kind() {
+        let mut m = Manifests::default();
+        m.add(
+            Path::new("x.yaml"),
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\n---\n\
+             apiVersion: warren.dev/v1alpha1\nkind: RetryPolicy\nmetadata: {name: fast}\nspec: {maxRetries: 2}\n---\n\
+             apiVersion: warren.dev/v1alpha1\nkind: ReliableQueue\nmetadata: {name: orders}\n\
+             spec: {broker: {secretName: s}, exchange: {name: shop}, retryPolicyRef: fast}\n---\n",
+        )
+        .unwrap();
+        assert_eq!(m.queues.len(), 1);
+        assert_eq!(m.queues[0].queue_name(), "orders");
+        assert_eq!(m.policies["fast"].spec.max_retries, 2);
+        assert_eq!(m.skipped, ["Secret (v1)"]);
+        let e = m
+            .add(
+                Path::new("y.yaml"),
+                "apiVersion: warren.dev/v1alpha1\nkind: ReliableQueue\nmetadata: {name: q}\nspec: {exchange: {name: x}}\n",
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("y.yaml: document 1") && e.contains("broker"),
+            "{e}"
+        );
+    }
+}
