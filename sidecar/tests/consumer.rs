@@ -13,11 +13,17 @@ use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use warren_crds::duration::HumanDuration;
+use warren_crds::reliable_queue::{
+    BindingSpec, BrokerRef, DeletionPolicy, ExchangeKind, ExchangeSpec, ParkingLotSpec, QueueSpec,
+    ReliableQueueSpec,
+};
 use warren_crds::retry::RetryPolicySpec;
 use warren_crds::sidecar_config::{AppEndpoint, ConsumeQueue, SidecarConfig};
+use warren_operator::apply::Broker;
+use warren_operator::plan::{Topology, plan};
 use warren_sidecar::Running;
 use warren_sidecar::consumer::state::SubscriptionState;
-use warren_testkit::{Account, RabbitNode, ReliableTopology, Reply, TestApp, init_tracing};
+use warren_testkit::{Account, RabbitNode, Reply, TestApp, init_tracing};
 
 fn policy(max_retries: u32, initial_ms: u64, multiplier: f64, max_ms: u64) -> RetryPolicySpec {
     let mut p = RetryPolicySpec {
@@ -31,13 +37,34 @@ fn policy(max_retries: u32, initial_ms: u64, multiplier: f64, max_ms: u64) -> Re
     p
 }
 
-fn topology(policy: &RetryPolicySpec) -> ReliableTopology {
-    ReliableTopology {
-        queue: QUEUE.into(),
-        exchange: EXCHANGE.into(),
-        routing_key: KEY.into(),
-        policy: policy.clone(),
-    }
+/// Declares the `orders` ReliableQueue with warren-operator's planner and
+/// applier, as `warren-operator apply` would.
+async fn declare(node: &RabbitNode, policy: &RetryPolicySpec) -> Topology {
+    let spec = ReliableQueueSpec {
+        broker: BrokerRef {
+            secret_name: "unused".into(),
+            vhost: "/".into(),
+            management_url: None,
+        },
+        exchange: ExchangeSpec {
+            name: EXCHANGE.into(),
+            kind: ExchangeKind::Direct,
+        },
+        queue: QueueSpec {
+            bindings: vec![BindingSpec {
+                routing_key: KEY.into(),
+            }],
+            ..Default::default()
+        },
+        retry_policy_ref: None,
+        parking_lot: ParkingLotSpec::default(),
+        deletion_policy: DeletionPolicy::Retain,
+    };
+    let topology = plan(QUEUE, &spec, policy).expect("plan");
+    let broker = Broker::new(&node.management_url(), "guest", "guest").unwrap();
+    let report = broker.apply(&topology).await.expect("apply topology");
+    assert!(report.conflicts.is_empty(), "{:?}", report.conflicts);
+    topology
 }
 
 fn consumer_config(app: &TestApp, policy: &RetryPolicySpec, timeout: Duration) -> SidecarConfig {
@@ -60,7 +87,7 @@ fn consumer_config(app: &TestApp, policy: &RetryPolicySpec, timeout: Duration) -
 
 struct Fixture {
     node: RabbitNode,
-    topo: ReliableTopology,
+    topo: Topology,
     sidecar: Running,
     api: String,
     _dir: tempfile::TempDir,
@@ -71,10 +98,7 @@ struct Fixture {
 async fn setup(policy: &RetryPolicySpec, app: &TestApp, timeout: Duration) -> Fixture {
     init_tracing();
     let node = start_node().await;
-    let topo = topology(policy);
-    topo.declare(&node.amqp_url())
-        .await
-        .expect("declare topology");
+    let topo = declare(&node, policy).await;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = test_config(&node.amqp_url(), dir.path());
     cfg.consumer = Some(consumer_config(app, policy, timeout));
@@ -144,9 +168,9 @@ fn header_str(props: &BasicProperties, name: &str) -> String {
 
 /// Asserts that the work queue and every delay queue are empty.
 async fn assert_nothing_left(f: &Fixture) {
-    for q in std::iter::once(QUEUE.to_owned()).chain(f.topo.tier_queues()) {
+    for q in std::iter::once(QUEUE).chain(f.topo.tier_queues()) {
         assert_eq!(
-            f.node.queue_message_count(&q).await.unwrap(),
+            f.node.queue_message_count(q).await.unwrap(),
             0,
             "{q} still holds messages"
         );
@@ -444,7 +468,7 @@ async fn a_missing_queue_is_reported_and_consumed_once_it_exists() {
         },
     )
     .await;
-    topology(&policy).declare(&node.amqp_url()).await.unwrap();
+    declare(&node, &policy).await;
     let messages = ids("late", 5);
     publish_all(&api, &messages).await;
     wait_until(
@@ -467,7 +491,7 @@ async fn a_missing_queue_is_reported_and_consumed_once_it_exists() {
         || async { sidecar.consumer.snapshot().queues[0].state == SubscriptionState::Failing },
     )
     .await;
-    topology(&policy).declare(&node.amqp_url()).await.unwrap();
+    declare(&node, &policy).await;
     let again = ids("again", 5);
     publish_all(&api, &again).await;
     wait_until(

@@ -10,8 +10,6 @@
 //! - [`Proxy`] (`proxy.rs`): an in-process TCP proxy that cuts, resets,
 //!   stalls or refuses connections on demand;
 //! - [`TestCa`] (`tls.rs`): a CA and server certificate generated at test time;
-//! - [`ReliableTopology`] (`topology.rs`): a ReliableQueue's broker objects,
-//!   declared over AMQP with DESIGN.md's names;
 //! - [`TestApp`] (`app.rs`): an HTTP app that receives the sidecar's
 //!   deliveries, answers as told and records them;
 //! - [`Account`] (`account.rs`): the ledger of acknowledged and received
@@ -27,7 +25,6 @@ pub mod node;
 pub mod ports;
 pub mod proxy;
 pub mod tls;
-pub mod topology;
 
 pub use account::{Account, AccountReport};
 pub use app::{Reply, Seen, TestApp};
@@ -35,7 +32,6 @@ pub use node::{NodeOptions, RabbitNode};
 pub use ports::{PortReservation, free_port, reserve_port};
 pub use proxy::Proxy;
 pub use tls::TestCa;
-pub use topology::ReliableTopology;
 
 /// Install a `tracing` subscriber that writes through the test harness's
 /// capture (so output shows only for failing tests) and honours `RUST_LOG`
