@@ -118,6 +118,9 @@ impl schemars::JsonSchema for HumanDuration {
         schemars::json_schema!({
             "type": "string",
             "pattern": "^([0-9]+(ms|s|m|h))+$",
+            // Bounds the cost the API server estimates for CEL rules that
+            // parse it with `duration()`.
+            "maxLength": 64,
             "description": "A duration: numbers with units ms, s, m, h, e.g. \"500ms\", \"4s\", \"1m30s\"."
         })
     }

@@ -22,4 +22,6 @@ pub mod reliable_queue;
 pub mod retry;
 #[cfg(feature = "kube")]
 pub mod retry_policy;
+#[cfg(all(test, feature = "kube"))]
+mod schema_check;
 pub mod sidecar_config;

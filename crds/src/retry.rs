@@ -38,8 +38,9 @@ pub const MAX_RETRIES_LIMIT: u32 = 100;
 #[serde(rename_all = "camelCase")]
 pub struct RetryPolicySpec {
     /// Retries after the first delivery; a message that fails once more is
-    /// parked. 0 parks on the first failure.
+    /// parked. 0 parks on the first failure; at most 100.
     #[serde(default = "default_max_retries")]
+    #[cfg_attr(feature = "kube", schemars(range(max = MAX_RETRIES_LIMIT)))]
     pub max_retries: u32,
     /// The delay before each retry.
     #[serde(default)]
@@ -84,22 +85,36 @@ impl Default for RetryPolicySpec {
 /// Exponential backoff as written in a policy: delay = initial ×
 /// multiplier^attempt, capped at max, plus up to `jitter` × delay at random.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "kube", derive(kube::KubeSchema))]
 #[serde(rename_all = "camelCase")]
+// The schema's copy of `Backoff::validate`'s cross-field checks. CEL's
+// `duration()` reads Go duration strings, of which HumanDuration's syntax
+// (`500ms`, `1m30s`) is a subset.
+#[cfg_attr(
+    feature = "kube",
+    x_kube(
+        validation = Rule::new("duration(self.initial) > duration('0s')")
+            .message("backoff.initial must be greater than zero"),
+        validation = Rule::new("duration(self.max) >= duration(self.initial)")
+            .message("backoff.max must be at least backoff.initial"),
+    )
+)]
 pub struct BackoffSpec {
-    /// Delay before the first retry. Default `1s`.
+    /// Delay before the first retry, > 0. Default `1s`.
     #[serde(default = "default_initial")]
     pub initial: HumanDuration,
     /// Growth factor between retries, ≥ 1. Default 2.
     #[serde(default = "default_multiplier")]
+    #[cfg_attr(feature = "kube", schemars(range(min = 1.0)))]
     pub multiplier: f64,
-    /// Longest delay. Default `5m`.
+    /// Longest delay, ≥ `initial`. Default `5m`.
     #[serde(default = "default_max")]
     pub max: HumanDuration,
     /// Random fraction (0..=1) added to each delay. Default 0.1. Applied by
     /// the `delayedMessageExchange` strategy; `ttlTiers` releases a tier's
     /// messages at its fixed TTL and does not apply jitter.
     #[serde(default = "default_jitter")]
+    #[cfg_attr(feature = "kube", schemars(range(min = 0.0, max = 1.0)))]
     pub jitter: f64,
 }
 
@@ -303,8 +318,9 @@ impl schemars::JsonSchema for StatusPattern {
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
             "type": "string",
-            "pattern": "^[1-5]([0-9][0-9]|xx|XX)$",
-            "description": "An HTTP status code (\"503\") or a class (\"5xx\")."
+            // 2xx always means success; `RetryPolicySpec::validate` refuses it too.
+            "pattern": "^[1345]([0-9][0-9]|xx|XX)$",
+            "description": "An HTTP status code (\"503\") or a class (\"5xx\"); not 2xx."
         })
     }
 }
