@@ -1,0 +1,640 @@
+//! The Kubernetes controller: reconciles ReliableQueues into broker
+//! topology and reports what it found.
+//!
+//! - Watches ReliableQueues, the RetryPolicies they refer to (a policy change
+//!   re-reconciles every queue using it) and the Secrets they refer to.
+//! - Each reconcile resolves the broker Secret and the RetryPolicy, plans,
+//!   applies through the management API and writes the status with
+//!   server-side apply (field manager `warren-operator`): conditions
+//!   `BrokerReachable`, `TopologyReady` and `Ready` with the broker's own
+//!   text on failure, `observedGeneration`, the owned object names and live
+//!   counts. Events are published when `Ready` changes.
+//! - A periodic re-check (every `requeue` while ready) repairs drift, such
+//!   as a queue deleted in the management UI; a failing queue is retried
+//!   sooner.
+//! - The finalizer `warren.dev/cleanup` honours `deletionPolicy`: `Retain`
+//!   leaves the broker alone; `Delete` removes what the queue owns, but
+//!   keeps (and keeps the finalizer on) a queue that still holds messages
+//!   unless the resource carries `warren.dev/force-delete: "true"`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use warren_crds::reliable_queue::{
+    Condition, Counts, DeletionPolicy, OwnedObjects, ReliableQueue, ReliableQueueStatus,
+};
+use warren_crds::retry::RetryPolicySpec;
+use warren_crds::retry_policy::RetryPolicy;
+
+use crate::apply::{Broker, BrokerError};
+use crate::manifests::BrokerUrl;
+use crate::metrics::Metrics;
+use crate::plan::{self, Topology};
+
+/// The finalizer Warren puts on every ReliableQueue.
+pub const FINALIZER: &str = "warren.dev/cleanup";
+/// Field manager of the status writes.
+pub const FIELD_MANAGER: &str = "warren-operator";
+/// `"true"` lets `deletionPolicy: Delete` drop queues that hold messages.
+pub const FORCE_DELETE: &str = "warren.dev/force-delete";
+
+/// Why a reconcile failed (it is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("cleanup blocked: {0}")]
+    CleanupBlocked(String),
+    #[error("the ReliableQueue has no namespace")]
+    NoNamespace,
+}
+
+impl Error {
+    /// A fixed label per kind, for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Finalizer(_) => "finalizer",
+            Error::CleanupBlocked(_) => "cleanup_blocked",
+            Error::NoNamespace => "no_namespace",
+        }
+    }
+}
+
+/// What reconciles share.
+pub struct Context {
+    pub client: kube::Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Re-check interval of a ready queue (drift repair).
+    pub requeue: Duration,
+    /// Retry interval of a queue that is not ready.
+    pub retry: Duration,
+}
+
+/// The broker a ReliableQueue's Secret points at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAccess {
+    pub management_url: String,
+    pub username: String,
+    pub password: String,
+}
+
+/// Reads broker credentials from a Secret: a `uri` key, or the RabbitMQ
+/// Cluster Operator's `username`, `password`, `host` (and `port`).
+pub fn broker_access(
+    secret: &Secret,
+    management_url: Option<&str>,
+) -> Result<BrokerAccess, String> {
+    let mut data: BTreeMap<String, String> = BTreeMap::new();
+    for (k, v) in secret.data.iter().flatten() {
+        let text = String::from_utf8(v.0.clone()).map_err(|_| format!("key {k:?} is not UTF-8"))?;
+        data.insert(k.clone(), text);
+    }
+    for (k, v) in secret.string_data.iter().flatten() {
+        data.insert(k.clone(), v.clone());
+    }
+    let url = if let Some(uri) = data.get("uri").or_else(|| data.get("connection_string")) {
+        BrokerUrl::parse(uri.trim())?
+    } else {
+        let get = |k: &str| {
+            data.get(k)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| format!("has neither a `uri` key nor `{k}`"))
+        };
+        BrokerUrl {
+            username: get("username")?,
+            password: get("password")?,
+            host: get("host")?,
+            tls: false,
+        }
+    };
+    Ok(BrokerAccess {
+        management_url: management_url
+            .map(str::to_owned)
+            .unwrap_or_else(|| url.default_management_url()),
+        username: url.username,
+        password: url.password,
+    })
+}
+
+/// The ReliableQueues (from the controller's cache) that refer to
+/// `policy`: they are reconciled again when it changes.
+pub fn queues_using_policy(
+    queues: &[Arc<ReliableQueue>],
+    policy: &RetryPolicy,
+) -> Vec<ObjectRef<ReliableQueue>> {
+    queues
+        .iter()
+        .filter(|q| {
+            q.namespace() == policy.namespace()
+                && q.spec.retry_policy_ref.as_deref() == Some(policy.name_any().as_str())
+        })
+        .map(|q| ObjectRef::from_obj(q.as_ref()))
+        .collect()
+}
+
+/// The ReliableQueues that refer to `secret`.
+pub fn queues_using_secret(
+    queues: &[Arc<ReliableQueue>],
+    secret: &Secret,
+) -> Vec<ObjectRef<ReliableQueue>> {
+    queues
+        .iter()
+        .filter(|q| {
+            q.namespace() == secret.namespace() && q.spec.broker.secret_name == secret.name_any()
+        })
+        .map(|q| ObjectRef::from_obj(q.as_ref()))
+        .collect()
+}
+
+/// The controller's reconcile function.
+pub async fn reconcile(rq: Arc<ReliableQueue>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let ns = rq.namespace().ok_or(Error::NoNamespace)?;
+    let api: Api<ReliableQueue> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, FINALIZER, rq, |event| async {
+        match event {
+            Finalizer::Apply(rq) => apply(rq, &ctx).await,
+            Finalizer::Cleanup(rq) => cleanup(rq, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics
+        .observe_reconcile(started.elapsed(), result.is_ok());
+    result
+}
+
+/// Requeues a failed reconcile and counts the failure.
+pub fn error_policy(rq: Arc<ReliableQueue>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(name = %rq.name_any(), %error, "reconcile failed");
+    ctx.metrics.reconcile_error(error.metric_label());
+    Action::requeue(ctx.retry)
+}
+
+/// What one look at the broker found.
+struct Observed {
+    broker: Condition,
+    topology: Condition,
+    objects: Option<OwnedObjects>,
+    counts: Option<Counts>,
+}
+
+fn condition(kind: &str, ok: Option<bool>, reason: &str, message: impl Into<String>) -> Condition {
+    Condition {
+        kind: kind.into(),
+        status: match ok {
+            Some(true) => "True",
+            Some(false) => "False",
+            None => "Unknown",
+        }
+        .into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: None,
+        observed_generation: None,
+    }
+}
+
+async fn resolve(
+    rq: &ReliableQueue,
+    ctx: &Context,
+) -> Result<(BrokerAccess, RetryPolicySpec), Observed> {
+    let ns = rq.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = &rq.spec.broker.secret_name;
+    let unknown_topology = || {
+        condition(
+            "TopologyReady",
+            None,
+            "BrokerUnknown",
+            "the broker could not be reached",
+        )
+    };
+    let failed = |reason: &str, message: String| Observed {
+        broker: condition("BrokerReachable", Some(false), reason, message),
+        topology: unknown_topology(),
+        objects: None,
+        counts: None,
+    };
+    let secret = match secrets.get_opt(name).await {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            return Err(failed(
+                "SecretNotFound",
+                format!("Secret {ns}/{name} does not exist"),
+            ));
+        }
+        Err(e) => {
+            return Err(failed(
+                "SecretUnreadable",
+                format!("Secret {ns}/{name}: {e}"),
+            ));
+        }
+    };
+    let access = broker_access(&secret, rq.spec.broker.management_url.as_deref())
+        .map_err(|e| failed("SecretInvalid", format!("Secret {ns}/{name} {e}")))?;
+    let policy = match &rq.spec.retry_policy_ref {
+        None => RetryPolicySpec::default(),
+        Some(p) => {
+            let policies: Api<RetryPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+            match policies.get_opt(p).await {
+                Ok(Some(policy)) => policy.spec,
+                Ok(None) => {
+                    return Err(Observed {
+                        broker: condition("BrokerReachable", None, "NotChecked", ""),
+                        topology: condition(
+                            "TopologyReady",
+                            Some(false),
+                            "RetryPolicyNotFound",
+                            format!("RetryPolicy {ns}/{p} does not exist"),
+                        ),
+                        objects: None,
+                        counts: None,
+                    });
+                }
+                Err(e) => {
+                    return Err(Observed {
+                        broker: condition("BrokerReachable", None, "NotChecked", ""),
+                        topology: condition(
+                            "TopologyReady",
+                            Some(false),
+                            "RetryPolicyUnreadable",
+                            format!("RetryPolicy {ns}/{p}: {e}"),
+                        ),
+                        objects: None,
+                        counts: None,
+                    });
+                }
+            }
+        }
+    };
+    Ok((access, policy))
+}
+
+async fn observe(rq: &ReliableQueue, ctx: &Context) -> Observed {
+    let (access, policy) = match resolve(rq, ctx).await {
+        Ok(x) => x,
+        Err(observed) => return observed,
+    };
+    let topology: Topology = match plan::plan(&rq.queue_name(), &rq.spec, &policy) {
+        Ok(t) => t,
+        Err(e) => {
+            return Observed {
+                broker: condition("BrokerReachable", None, "NotChecked", ""),
+                topology: condition("TopologyReady", Some(false), "InvalidSpec", e.to_string()),
+                objects: None,
+                counts: None,
+            };
+        }
+    };
+    let (exchanges, queues, policies) = topology.owned_names();
+    let objects = Some(OwnedObjects {
+        exchanges,
+        queues,
+        policies,
+    });
+    let broker = match Broker::new(&access.management_url, &access.username, &access.password) {
+        Ok(b) => b,
+        Err(e) => {
+            return Observed {
+                broker: condition("BrokerReachable", Some(false), e.reason(), e.to_string()),
+                topology: condition("TopologyReady", None, "BrokerUnknown", ""),
+                objects,
+                counts: None,
+            };
+        }
+    };
+    match broker.apply(&topology).await {
+        Err(e) => Observed {
+            broker: broker_failure(&e),
+            topology: condition(
+                "TopologyReady",
+                None,
+                "BrokerUnknown",
+                "the broker could not be asked",
+            ),
+            objects,
+            counts: None,
+        },
+        Ok(report) => {
+            for c in &report.changes {
+                tracing::info!(name = %rq.name_any(), change = %c, "topology changed");
+            }
+            let topology = if report.conflicts.is_empty() {
+                let message = if report.changes.is_empty() {
+                    "in sync".to_owned()
+                } else {
+                    report
+                        .changes
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                };
+                condition("TopologyReady", Some(true), "Applied", message)
+            } else {
+                let message = report
+                    .conflicts
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                condition("TopologyReady", Some(false), "Conflict", message)
+            };
+            let counts = broker
+                .counts(&topology_ref(&rq.queue_name(), rq))
+                .await
+                .ok()
+                .map(|c| Counts {
+                    ready: c.ready.min(i64::MAX as u64) as i64,
+                    consumers: c.consumers.min(i64::MAX as u64) as i64,
+                    parked: c.parked.min(i64::MAX as u64) as i64,
+                });
+            Observed {
+                broker: condition(
+                    "BrokerReachable",
+                    Some(true),
+                    "Connected",
+                    access.management_url.clone(),
+                ),
+                topology,
+                objects,
+                counts,
+            }
+        }
+    }
+}
+
+/// The minimal topology `counts` needs (queue, parking lot, vhost).
+fn topology_ref(queue: &str, rq: &ReliableQueue) -> Topology {
+    Topology {
+        vhost: rq.spec.broker.vhost.clone(),
+        queue: queue.to_owned(),
+        parking_lot: rq.parking_lot_name(),
+        retry_exchange: warren_crds::names::retry_exchange(queue),
+        delay_strategy: Default::default(),
+        exchanges: vec![],
+        queues: vec![],
+        bindings: vec![],
+        policies: vec![],
+    }
+}
+
+fn broker_failure(e: &BrokerError) -> Condition {
+    condition("BrokerReachable", Some(false), e.reason(), e.to_string())
+}
+
+/// The status for `observed`, keeping the transition times of conditions
+/// whose status did not change.
+fn status_for(rq: &ReliableQueue, observed: Observed, now: &str) -> ReliableQueueStatus {
+    let generation = rq.metadata.generation;
+    let ready_ok = observed.broker.status == "True" && observed.topology.status == "True";
+    let ready = if ready_ok {
+        condition(
+            "Ready",
+            Some(true),
+            "Ready",
+            "topology applied and broker reachable",
+        )
+    } else if observed.broker.status == "False" {
+        condition(
+            "Ready",
+            Some(false),
+            &observed.broker.reason,
+            observed.broker.message.clone(),
+        )
+    } else {
+        condition(
+            "Ready",
+            Some(false),
+            &observed.topology.reason,
+            observed.topology.message.clone(),
+        )
+    };
+    let old = rq
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let conditions = [ready, observed.broker, observed.topology]
+        .into_iter()
+        .map(|mut c| {
+            let previous = old.iter().find(|o| o.kind == c.kind);
+            c.last_transition_time = match previous {
+                Some(p) if p.status == c.status => p.last_transition_time.clone(),
+                _ => Some(now.to_owned()),
+            };
+            c.observed_generation = generation;
+            c
+        })
+        .collect();
+    ReliableQueueStatus {
+        observed_generation: generation,
+        conditions,
+        queue: Some(rq.queue_name()),
+        objects: observed.objects,
+        counts: observed.counts,
+    }
+}
+
+fn ready_status(status: Option<&ReliableQueueStatus>) -> Option<String> {
+    status?
+        .conditions
+        .iter()
+        .find(|c| c.kind == "Ready")
+        .map(|c| c.status.clone())
+}
+
+async fn apply(rq: Arc<ReliableQueue>, ctx: &Context) -> Result<Action, Error> {
+    let ns = rq.namespace().ok_or(Error::NoNamespace)?;
+    let name = rq.name_any();
+    let observed = observe(&rq, ctx).await;
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let status = status_for(&rq, observed, &now);
+    let was = ready_status(rq.status.as_ref());
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.kind == "Ready")
+        .cloned();
+    let api: Api<ReliableQueue> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = json!({
+        "apiVersion": "warren.dev/v1alpha1",
+        "kind": "ReliableQueue",
+        "status": status,
+    });
+    api.patch_status(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    let is_ready = ready.as_ref().is_some_and(|c| c.status == "True");
+    if let Some(c) = ready.filter(|c| was.as_deref() != Some(c.status.as_str())) {
+        let event = Event {
+            type_: if is_ready {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
+            reason: if is_ready {
+                "Ready".into()
+            } else {
+                "NotReady".into()
+            },
+            note: Some(truncate(&format!("{}: {}", c.reason, c.message), 1000)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &rq.object_ref(&())).await {
+            tracing::debug!(error = %e, "cannot publish event");
+        }
+    }
+    Ok(Action::requeue(if is_ready {
+        ctx.requeue
+    } else {
+        ctx.retry
+    }))
+}
+
+async fn cleanup(rq: Arc<ReliableQueue>, ctx: &Context) -> Result<Action, Error> {
+    if rq.spec.deletion_policy == DeletionPolicy::Retain {
+        tracing::info!(name = %rq.name_any(), "deleted with deletionPolicy Retain; broker objects kept");
+        return Ok(Action::await_change());
+    }
+    let (access, policy) = match resolve(&rq, ctx).await {
+        Ok(x) => x,
+        Err(observed) => {
+            let reason = if observed.broker.status == "False" {
+                observed.broker.message
+            } else {
+                observed.topology.message
+            };
+            return Err(Error::CleanupBlocked(reason));
+        }
+    };
+    let topology = plan::plan(&rq.queue_name(), &rq.spec, &policy)
+        .map_err(|e| Error::CleanupBlocked(e.to_string()))?;
+    let broker = Broker::new(&access.management_url, &access.username, &access.password)
+        .map_err(|e| Error::CleanupBlocked(e.to_string()))?;
+    let force = rq
+        .annotations()
+        .get(FORCE_DELETE)
+        .is_some_and(|v| v == "true");
+    let report = broker
+        .delete(&topology, force)
+        .await
+        .map_err(|e| Error::CleanupBlocked(e.to_string()))?;
+    if !report.conflicts.is_empty() {
+        let message = report
+            .conflicts
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "DeletionBlocked".into(),
+            note: Some(truncate(&message, 1000)),
+            action: "Delete".into(),
+            secondary: None,
+        };
+        let _ = ctx.recorder.publish(&event, &rq.object_ref(&())).await;
+        return Err(Error::CleanupBlocked(message));
+    }
+    Ok(Action::await_change())
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// Starts the controller; returns when `shutdown` resolves.
+pub async fn run(
+    client: kube::Client,
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    use futures::StreamExt;
+    use kube::runtime::{Controller, watcher};
+    let queues: Api<ReliableQueue> = Api::all(client.clone());
+    let policies: Api<RetryPolicy> = Api::all(client.clone());
+    let secrets: Api<Secret> = Api::all(client.clone());
+    let controller = Controller::new(queues, watcher::Config::default());
+    let store: Store<ReliableQueue> = controller.store();
+    let store2 = store.clone();
+    controller
+        .watches(policies, watcher::Config::default(), move |p| {
+            queues_using_policy(&store.state(), &p)
+        })
+        .watches(secrets, watcher::Config::default(), move |s| {
+            queues_using_secret(&store2.state(), &s)
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {})
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::ByteString;
+
+    fn secret(data: &[(&str, &str)]) -> Secret {
+        Secret {
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn secrets_in_both_formats_give_access() {
+        let cluster_operator = secret(&[
+            ("username", "app"),
+            ("password", "pw"),
+            ("host", "rabbit.ns.svc"),
+            ("port", "5672"),
+        ]);
+        let a = broker_access(&cluster_operator, None).unwrap();
+        assert_eq!(a.management_url, "http://rabbit.ns.svc:15672");
+        assert_eq!((a.username.as_str(), a.password.as_str()), ("app", "pw"));
+        let uri = secret(&[("uri", "amqp://u:p%40ss@h:5672/%2f")]);
+        let a = broker_access(&uri, Some("https://mgmt:15671")).unwrap();
+        assert_eq!(a.management_url, "https://mgmt:15671");
+        assert_eq!(a.password, "p@ss");
+        let e = broker_access(&secret(&[("username", "x")]), None).unwrap_err();
+        assert!(e.contains("`password`"), "{e}");
+    }
+
+    #[test]
+    fn long_event_notes_are_cut_on_a_char_boundary() {
+        assert_eq!(truncate("héllo", 2), "h…");
+        assert_eq!(truncate("ok", 10), "ok");
+    }
+}

@@ -1,0 +1,413 @@
+//! The controller's reconcile against kube-rs's mocked API server
+//! (tower-test): every request it makes is checked in order, and answered
+//! as the API server would. Where a broker is needed, it is a real private
+//! node, reached through the Secret the ReliableQueue names.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Recorder, Reporter};
+use serde_json::{Value, json};
+use warren_crds::reliable_queue::ReliableQueue;
+use warren_crds::retry::RetryPolicySpec;
+use warren_crds::retry_policy::RetryPolicy;
+use warren_operator::apply::Broker;
+use warren_operator::controller::{self, Context, Error};
+use warren_operator::metrics::Metrics;
+use warren_operator::plan;
+use warren_testkit::{RabbitNode, init_tracing};
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+fn context() -> (Arc<Context>, Handle) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "warren-operator".into(),
+            instance: None,
+        },
+    );
+    let ctx = Arc::new(Context {
+        client,
+        recorder,
+        metrics: Arc::new(Metrics::new()),
+        requeue: Duration::from_secs(60),
+        retry: Duration::from_secs(10),
+    });
+    (ctx, handle)
+}
+
+fn queue(extra: Value) -> ReliableQueue {
+    let mut rq = json!({
+        "apiVersion": "warren.dev/v1alpha1",
+        "kind": "ReliableQueue",
+        "metadata": {"name": "orders", "namespace": "shop", "uid": "u-1", "generation": 3, "resourceVersion": "7"},
+        "spec": {
+            "broker": {"secretName": "rabbit"},
+            "exchange": {"name": "shop", "type": "topic"},
+            "queue": {"bindings": [{"routingKey": "order.created"}]}
+        }
+    });
+    merge(&mut rq, extra);
+    serde_json::from_value(rq).unwrap()
+}
+
+fn merge(a: &mut Value, b: Value) {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (a, b) => *a = b,
+    }
+}
+
+/// One request the reconcile made.
+struct Call {
+    method: Method,
+    path: String,
+    body: Value,
+    respond: tower_test::mock::SendResponse<Response<Body>>,
+}
+
+impl Call {
+    fn reply(self, status: StatusCode, body: Value) {
+        self.respond.send_response(
+            Response::builder()
+                .status(status)
+                .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap(),
+        );
+    }
+}
+
+async fn next(handle: &mut Handle) -> Call {
+    let (request, respond) = tokio::time::timeout(Duration::from_secs(20), handle.next_request())
+        .await
+        .expect("the reconcile made no further request")
+        .expect("service dropped");
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let bytes = request.into_body().collect_bytes().await.unwrap();
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    println!("{method} {path} {body}");
+    Call {
+        method,
+        path,
+        body,
+        respond,
+    }
+}
+
+fn not_found(what: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+           "message": format!("{what} not found"), "reason": "NotFound", "code": 404})
+}
+
+fn condition<'a>(status: &'a Value, kind: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} condition in {status}"))
+}
+
+/// Answers an event publication, if the next request is one.
+async fn expect_event(handle: &mut Handle, reason: &str) {
+    let call = next(handle).await;
+    assert_eq!(call.method, Method::POST);
+    assert!(call.path.ends_with("/events"), "{}", call.path);
+    assert_eq!(call.body["reason"], reason);
+    let body = call.body.clone();
+    call.reply(StatusCode::CREATED, body);
+}
+
+#[tokio::test]
+async fn a_new_queue_gets_the_finalizer_first() {
+    let (ctx, mut handle) = context();
+    let rq = Arc::new(queue(json!({})));
+    let task = tokio::spawn(controller::reconcile(rq, ctx));
+    let call = next(&mut handle).await;
+    assert_eq!(call.method, Method::PATCH);
+    assert_eq!(
+        call.path,
+        "/apis/warren.dev/v1alpha1/namespaces/shop/reliablequeues/orders"
+    );
+    let patch = call.body.to_string();
+    assert!(patch.contains("warren.dev/cleanup"), "{patch}");
+    let mut updated = serde_json::to_value(queue(json!({}))).unwrap();
+    updated["metadata"]["finalizers"] = json!(["warren.dev/cleanup"]);
+    call.reply(StatusCode::OK, updated);
+    let action = task.await.unwrap().unwrap();
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn a_missing_secret_becomes_a_condition_not_a_crash() {
+    let (ctx, mut handle) = context();
+    let rq = Arc::new(queue(
+        json!({"metadata": {"finalizers": ["warren.dev/cleanup"]}}),
+    ));
+    let task = tokio::spawn(controller::reconcile(rq, ctx));
+    let call = next(&mut handle).await;
+    assert_eq!(call.method, Method::GET);
+    assert_eq!(call.path, "/api/v1/namespaces/shop/secrets/rabbit");
+    call.reply(StatusCode::NOT_FOUND, not_found("secrets \"rabbit\""));
+
+    let call = next(&mut handle).await;
+    assert_eq!(call.method, Method::PATCH);
+    assert_eq!(
+        call.path,
+        "/apis/warren.dev/v1alpha1/namespaces/shop/reliablequeues/orders/status"
+    );
+    let status = call.body["status"].clone();
+    let broker = condition(&status, "BrokerReachable");
+    assert_eq!(broker["status"], "False");
+    assert_eq!(broker["reason"], "SecretNotFound");
+    assert_eq!(broker["message"], "Secret shop/rabbit does not exist");
+    assert_eq!(condition(&status, "Ready")["status"], "False");
+    assert_eq!(condition(&status, "TopologyReady")["status"], "Unknown");
+    assert_eq!(status["observedGeneration"], 3);
+    call.reply(
+        StatusCode::OK,
+        serde_json::to_value(queue(json!({}))).unwrap(),
+    );
+    expect_event(&mut handle, "NotReady").await;
+    let action = task.await.unwrap().unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+}
+
+#[tokio::test]
+async fn retain_lets_go_without_touching_the_broker() {
+    let (ctx, mut handle) = context();
+    let rq = Arc::new(queue(json!({
+        "metadata": {"finalizers": ["warren.dev/cleanup"], "deletionTimestamp": "2026-11-21T10:00:00Z"},
+        "spec": {"deletionPolicy": "Retain"}
+    })));
+    let task = tokio::spawn(controller::reconcile(rq, ctx));
+    let call = next(&mut handle).await;
+    assert_eq!(call.method, Method::PATCH);
+    assert_eq!(
+        call.path,
+        "/apis/warren.dev/v1alpha1/namespaces/shop/reliablequeues/orders"
+    );
+    let patch = call.body.to_string();
+    assert!(
+        patch.contains("\"remove\""),
+        "the finalizer is removed: {patch}"
+    );
+    call.reply(
+        StatusCode::OK,
+        serde_json::to_value(queue(json!({}))).unwrap(),
+    );
+    assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+}
+
+fn secret_for(node: &RabbitNode) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "rabbit", "namespace": "shop"},
+        "stringData": {"uri": node.amqp_url()},
+    })
+}
+
+async fn start_node() -> RabbitNode {
+    init_tracing();
+    tokio::task::spawn_blocking(|| RabbitNode::start().expect("start node"))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_tells_what_the_broker_has() {
+    let node = start_node().await;
+    let (ctx, mut handle) = context();
+    let rq = Arc::new(queue(json!({
+        "metadata": {"finalizers": ["warren.dev/cleanup"]},
+        "spec": {"broker": {"managementUrl": node.management_url()}, "retryPolicyRef": "quick"}
+    })));
+    let task = tokio::spawn(controller::reconcile(rq, ctx));
+    let call = next(&mut handle).await;
+    assert_eq!(call.path, "/api/v1/namespaces/shop/secrets/rabbit");
+    call.reply(StatusCode::OK, secret_for(&node));
+    let call = next(&mut handle).await;
+    assert_eq!(
+        call.path,
+        "/apis/warren.dev/v1alpha1/namespaces/shop/retrypolicies/quick"
+    );
+    call.reply(
+        StatusCode::OK,
+        json!({"apiVersion": "warren.dev/v1alpha1", "kind": "RetryPolicy",
+               "metadata": {"name": "quick", "namespace": "shop"},
+               "spec": {"maxRetries": 2, "backoff": {"initial": "1s"}}}),
+    );
+    let call = next(&mut handle).await;
+    assert!(call.path.ends_with("/reliablequeues/orders/status"));
+    let status = call.body["status"].clone();
+    assert_eq!(condition(&status, "Ready")["status"], "True", "{status}");
+    assert_eq!(condition(&status, "BrokerReachable")["reason"], "Connected");
+    let topology = condition(&status, "TopologyReady");
+    assert_eq!(topology["reason"], "Applied");
+    assert!(
+        topology["message"]
+            .as_str()
+            .unwrap()
+            .contains("created queue orders"),
+        "{topology}"
+    );
+    assert_eq!(
+        status["objects"]["queues"],
+        json!([
+            "orders",
+            "orders.parked",
+            "orders.retry.1s",
+            "orders.retry.2s"
+        ])
+    );
+    assert_eq!(status["objects"]["exchanges"], json!(["orders.retry"]));
+    assert_eq!(status["counts"]["ready"], 0);
+    assert_eq!(status["queue"], "orders");
+    call.reply(
+        StatusCode::OK,
+        serde_json::to_value(queue(json!({}))).unwrap(),
+    );
+    expect_event(&mut handle, "Ready").await;
+    assert_eq!(
+        task.await.unwrap().unwrap(),
+        Action::requeue(Duration::from_secs(60))
+    );
+    assert!(
+        node.management_get("/api/queues/%2F/orders.retry.2s")
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_removes_broker_objects_but_not_messages_unless_forced() {
+    let node = start_node().await;
+    // The queue exists on the broker and holds a message.
+    let broker = Broker::new(&node.management_url(), "guest", "guest").unwrap();
+    let rq = queue(json!({}));
+    let topology = plan::plan("orders", &rq.spec, &RetryPolicySpec::default()).unwrap();
+    broker.apply(&topology).await.unwrap();
+    {
+        let conn = lapin::Connection::connect(&node.amqp_url(), Default::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(Default::default()).await.unwrap();
+        ch.basic_publish(
+            "shop".into(),
+            "order.created".into(),
+            Default::default(),
+            b"keep me",
+            Default::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        let _ = conn.close(200, "done".into()).await;
+    }
+    let deleting = |force: bool| {
+        let annotations = if force {
+            json!({"warren.dev/force-delete": "true"})
+        } else {
+            json!({})
+        };
+        Arc::new(queue(json!({
+            "metadata": {"finalizers": ["warren.dev/cleanup"], "deletionTimestamp": "2026-11-21T10:00:00Z",
+                         "annotations": annotations},
+            "spec": {"deletionPolicy": "Delete", "broker": {"managementUrl": node.management_url()}}
+        })))
+    };
+
+    // Not forced: everything else goes, the queue with its message stays,
+    // and so does the finalizer.
+    let (ctx, mut handle) = context();
+    let task = tokio::spawn(controller::reconcile(deleting(false), ctx));
+    let call = next(&mut handle).await;
+    assert_eq!(call.path, "/api/v1/namespaces/shop/secrets/rabbit");
+    call.reply(StatusCode::OK, secret_for(&node));
+    expect_event(&mut handle, "DeletionBlocked").await;
+    let err = task.await.unwrap().unwrap_err();
+    assert!(
+        matches!(&err, Error::Finalizer(_)) && err.to_string().contains("finalizer"),
+        "{err}"
+    );
+    assert_eq!(node.queue_message_count("orders").await.unwrap(), 1);
+    assert!(
+        node.management_get("/api/queues/%2F/orders.parked")
+            .await
+            .is_err()
+    );
+    assert!(
+        node.management_get("/api/exchanges/%2F/orders.retry")
+            .await
+            .is_err()
+    );
+
+    // Forced: the queue goes, then the finalizer.
+    let (ctx, mut handle) = context();
+    let task = tokio::spawn(controller::reconcile(deleting(true), ctx));
+    let call = next(&mut handle).await;
+    call.reply(StatusCode::OK, secret_for(&node));
+    let call = next(&mut handle).await;
+    assert_eq!(call.method, Method::PATCH);
+    assert!(
+        call.body.to_string().contains("\"remove\""),
+        "{}",
+        call.body
+    );
+    call.reply(
+        StatusCode::OK,
+        serde_json::to_value(queue(json!({}))).unwrap(),
+    );
+    assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+    assert!(node.management_get("/api/queues/%2F/orders").await.is_err());
+    assert!(
+        node.management_get("/api/exchanges/%2F/shop").await.is_ok(),
+        "the shared work exchange stays"
+    );
+}
+
+#[test]
+fn a_policy_change_reaches_every_queue_using_it() {
+    let q = |name: &str, ns: &str, policy: Option<&str>| {
+        let mut v = json!({"metadata": {"name": name, "namespace": ns}});
+        if let Some(p) = policy {
+            v["spec"] = json!({"retryPolicyRef": p});
+        }
+        Arc::new(queue(v))
+    };
+    let queues = vec![
+        q("a", "shop", Some("fast")),
+        q("b", "shop", Some("slow")),
+        q("c", "shop", Some("fast")),
+        q("d", "other", Some("fast")),
+        q("e", "shop", None),
+    ];
+    let policy: RetryPolicy = serde_json::from_value(json!({
+        "apiVersion": "warren.dev/v1alpha1", "kind": "RetryPolicy",
+        "metadata": {"name": "fast", "namespace": "shop"}, "spec": {}
+    }))
+    .unwrap();
+    let hit: Vec<String> = controller::queues_using_policy(&queues, &policy)
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(hit, ["a", "c"]);
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": "rabbit", "namespace": "shop"}
+    }))
+    .unwrap();
+    assert_eq!(controller::queues_using_secret(&queues, &secret).len(), 4);
+}
