@@ -11,7 +11,7 @@
 //!   counts. Events are published when `Ready` changes.
 //! - A periodic re-check (every `requeue` while ready) repairs drift, such
 //!   as a queue deleted in the management UI; a failing queue is retried
-//!   sooner.
+//!   sooner, with a delay that grows with the length of a broker outage.
 //! - The finalizer `warren.dev/cleanup` honours `deletionPolicy`: `Retain`
 //!   leaves the broker alone; `Delete` removes what the queue owns, but
 //!   keeps (and keeps the finalizer on) a queue that still holds messages
@@ -507,8 +507,31 @@ async fn apply(rq: Arc<ReliableQueue>, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::requeue(if is_ready {
         ctx.requeue
     } else {
-        ctx.retry
+        retry_after(&status, std::time::SystemTime::now(), ctx.retry)
     }))
+}
+
+/// Longest wait between two attempts on an unreachable broker.
+pub const MAX_RETRY: Duration = Duration::from_secs(300);
+
+/// When to look again at a queue that is not ready: `retry`, growing with
+/// the length of a broker outage (half the time it has lasted, at most
+/// [`MAX_RETRY`]), so a long outage is not hammered.
+pub fn retry_after(
+    status: &ReliableQueueStatus,
+    now: std::time::SystemTime,
+    retry: Duration,
+) -> Duration {
+    let down_since = status
+        .conditions
+        .iter()
+        .find(|c| c.kind == "BrokerReachable" && c.status == "False")
+        .and_then(|c| c.last_transition_time.as_deref())
+        .and_then(|t| humantime::parse_rfc3339(t).ok());
+    match down_since.and_then(|t| now.duration_since(t).ok()) {
+        Some(outage) => (outage / 2).clamp(retry, MAX_RETRY.max(retry)),
+        None => retry,
+    }
 }
 
 async fn cleanup(rq: Arc<ReliableQueue>, ctx: &Context) -> Result<Action, Error> {
@@ -630,6 +653,39 @@ mod tests {
         assert_eq!(a.password, "p@ss");
         let e = broker_access(&secret(&[("username", "x")]), None).unwrap_err();
         assert!(e.contains("`password`"), "{e}");
+    }
+
+    #[test]
+    fn retries_back_off_with_the_outage() {
+        let now = humantime::parse_rfc3339("2026-11-21T12:00:00Z").unwrap();
+        let status = |state: &str, since: &str| ReliableQueueStatus {
+            conditions: vec![Condition {
+                kind: "BrokerReachable".into(),
+                status: state.into(),
+                reason: "BrokerUnreachable".into(),
+                message: String::new(),
+                last_transition_time: Some(since.into()),
+                observed_generation: None,
+            }],
+            ..Default::default()
+        };
+        let retry = Duration::from_secs(10);
+        assert_eq!(
+            retry_after(&status("False", "2026-11-21T11:59:55Z"), now, retry),
+            retry
+        );
+        assert_eq!(
+            retry_after(&status("False", "2026-11-21T11:58:00Z"), now, retry),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            retry_after(&status("False", "2026-11-21T09:00:00Z"), now, retry),
+            MAX_RETRY
+        );
+        assert_eq!(
+            retry_after(&status("True", "2026-11-21T09:00:00Z"), now, retry),
+            retry
+        );
     }
 
     #[test]
