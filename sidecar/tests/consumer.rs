@@ -439,6 +439,68 @@ async fn a_hung_app_times_out_into_the_retry_path_and_the_channel_survives() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deliveries_never_wait_past_the_consumer_timeout_budget() {
+    init_tracing();
+    // One delivery at the app at a time, 600 ms each, ten prefetched: the
+    // later ones would wait seconds for their turn. With a 1 s timeout and
+    // an 8 s consumerTimeout a delivery may wait 1 s (8 - 2 x 1 - 5); those
+    // that waited longer go back to the broker and come again.
+    let app = TestApp::start(|_, _| Reply::After(Duration::from_millis(600), 200)).await;
+    let policy = policy(2, 200, 2.0, 1000);
+    let node = start_node().await;
+    declare(&node, &policy).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(&node.amqp_url(), dir.path());
+    let mut consumer = consumer_config(&app, &policy, Duration::from_secs(1));
+    consumer.app.as_mut().unwrap().concurrency = 1;
+    consumer.queues[0].prefetch = 10;
+    consumer.consumer_timeout = HumanDuration::from_secs(8);
+    cfg.consumer = Some(consumer);
+    let sidecar = warren_sidecar::start(cfg).await.unwrap();
+    let api = format!("http://{}", sidecar.api_addr);
+    let messages = ids("queued", 10);
+    publish_all(&api, &messages).await;
+    wait_until(
+        Duration::from_secs(60),
+        "every message processed",
+        || async { app.successes().len() == messages.len() },
+    )
+    .await;
+    let metrics = client()
+        .get(format!("http://{}/metrics", sidecar.admin_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let requeued: u64 = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(
+                "warren_sidecar_delivery_outcomes_total{queue=\"orders\",outcome=\"requeued\"}",
+            )
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        requeued > 0,
+        "deliveries that waited too long are handed back:\n{metrics}"
+    );
+    assert!(
+        app.seen().iter().any(|s| s.redelivered),
+        "handed-back deliveries come again, marked redelivered"
+    );
+    let snapshot = sidecar.consumer.snapshot();
+    assert_eq!(
+        snapshot.queues[0].subscriptions, 1,
+        "the channel was never closed: {snapshot:?}"
+    );
+    println!("handed back before the consumer timeout: {requeued}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_missing_queue_is_reported_and_consumed_once_it_exists() {
     init_tracing();
     let app = TestApp::start(|_, _| Reply::Status(200)).await;

@@ -19,6 +19,8 @@ pub enum Reply {
     Status(u16),
     /// Never answer.
     Hang,
+    /// Answer with this status after a pause.
+    After(std::time::Duration, u16),
 }
 
 /// One delivery the app received.
@@ -96,7 +98,7 @@ impl TestApp {
     pub fn successes(&self) -> HashMap<String, usize> {
         let mut out = HashMap::new();
         for s in self.inner.log.lock().unwrap().iter() {
-            if matches!(s.reply, Reply::Status(c) if (200..300).contains(&c)) {
+            if matches!(s.reply, Reply::Status(c) | Reply::After(_, c) if (200..300).contains(&c)) {
                 *out.entry(s.id.clone()).or_insert(0) += 1;
             }
         }
@@ -149,5 +151,9 @@ async fn deliver(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Byte
     match reply {
         Reply::Status(code) => StatusCode::from_u16(code).expect("valid status"),
         Reply::Hang => std::future::pending().await,
+        Reply::After(pause, code) => {
+            tokio::time::sleep(pause).await;
+            StatusCode::from_u16(code).expect("valid status")
+        }
     }
 }
