@@ -105,6 +105,16 @@ pub struct Report {
     pub notes: Vec<String>,
 }
 
+/// What [`Broker::delete_queue_if_empty`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueDeletion {
+    Deleted,
+    /// It holds messages or has consumers.
+    Kept,
+    /// There was no such queue.
+    Missing,
+}
+
 /// Live counts of a ReliableQueue.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -141,21 +151,20 @@ impl Broker {
     /// Deletes a queue only if it is empty and unused: no message ready
     /// (looked at with a peek that returns what it sees to the queue, since
     /// the management statistics lag by seconds), and neither messages nor
-    /// consumers in the statistics. `Ok(false)` when it was kept (or did
-    /// not exist). Quorum queues refuse `queue.delete` with `if-empty`,
-    /// hence the peek.
+    /// consumers in the statistics. Quorum queues refuse `queue.delete`
+    /// with `if-empty`, hence the peek.
     pub async fn delete_queue_if_empty(
         &self,
         vhost: &str,
         name: &str,
-    ) -> Result<bool, BrokerError> {
+    ) -> Result<QueueDeletion, BrokerError> {
         let info = match self.client.get_queue_info(vhost, name).await {
             Ok(info) => info,
-            Err(e) if e.is_not_found() => return Ok(false),
+            Err(e) if e.is_not_found() => return Ok(QueueDeletion::Missing),
             Err(e) => return Err(self.error(format!("queue {name}"), e)),
         };
         if info.message_count > 0 || info.consumer_count > 0 {
-            return Ok(false);
+            return Ok(QueueDeletion::Kept);
         }
         let url = format!(
             "{}/queues/{}/{}/get",
@@ -191,13 +200,13 @@ impl Broker {
             .and_then(|v| v.as_array().map(Vec::len))
             .unwrap_or(1);
         if seen > 0 {
-            return Ok(false);
+            return Ok(QueueDeletion::Kept);
         }
         self.client
             .delete_queue(vhost, name, true)
             .await
             .map_err(|e| self.error(format!("deleting queue {name}"), e))?;
-        Ok(true)
+        Ok(QueueDeletion::Deleted)
     }
 
     fn error(&self, what: impl Into<String>, e: HttpClientError) -> BrokerError {
@@ -500,13 +509,13 @@ impl Broker {
     ) -> Result<(), BrokerError> {
         for name in self.stale_tiers(t).await? {
             let object = format!("queue {name}");
-            if self.delete_queue_if_empty(&t.vhost, &name).await? {
-                report.changes.push(Change::Deleted(object));
-            } else {
-                report.notes.push(format!(
+            match self.delete_queue_if_empty(&t.vhost, &name).await? {
+                QueueDeletion::Deleted => report.changes.push(Change::Deleted(object)),
+                QueueDeletion::Kept => report.notes.push(format!(
                     "{object} is no longer needed but still holds messages; it is removed once they have gone back to {}",
                     t.queue
-                ));
+                )),
+                QueueDeletion::Missing => {}
             }
         }
         Ok(())
@@ -588,26 +597,31 @@ impl Broker {
         queues.extend(self.stale_tiers(t).await?);
         for name in queues {
             let object = format!("queue {name}");
-            match self.client.get_queue_info(vhost, &name).await {
-                Ok(_) => {}
-                Err(e) if e.is_not_found() => continue,
-                Err(e) => return Err(self.error(object, e)),
-            }
-            if force {
-                self.client
-                    .delete_queue(vhost, &name, true)
-                    .await
-                    .map_err(|e| self.error(object.clone(), e))?;
-            } else if !self.delete_queue_if_empty(vhost, &name).await? {
-                report.conflicts.push(Conflict {
+            let outcome = if force {
+                match self.client.get_queue_info(vhost, &name).await {
+                    Ok(_) => {
+                        self.client
+                            .delete_queue(vhost, &name, true)
+                            .await
+                            .map_err(|e| self.error(object.clone(), e))?;
+                        QueueDeletion::Deleted
+                    }
+                    Err(e) if e.is_not_found() => QueueDeletion::Missing,
+                    Err(e) => return Err(self.error(object, e)),
+                }
+            } else {
+                self.delete_queue_if_empty(vhost, &name).await?
+            };
+            match outcome {
+                QueueDeletion::Deleted => report.changes.push(Change::Deleted(object)),
+                QueueDeletion::Kept => report.conflicts.push(Conflict {
                     object,
                     message:
                         "holds messages or has consumers; kept (force the deletion to drop them)"
                             .into(),
-                });
-                continue;
+                }),
+                QueueDeletion::Missing => {}
             }
-            report.changes.push(Change::Deleted(object));
         }
         for ex in t.exchanges.iter().filter(|e| e.owned) {
             let object = format!("exchange {}", ex.name);

@@ -334,7 +334,7 @@ async fn observe(rq: &ReliableQueue, ctx: &Context) -> Observed {
             for c in &report.changes {
                 tracing::info!(name = %rq.name_any(), change = %c, "topology changed");
             }
-            let topology = if report.conflicts.is_empty() {
+            let topology_ready = if report.conflicts.is_empty() {
                 let message = if report.changes.is_empty() {
                     "in sync".to_owned()
                 } else {
@@ -355,15 +355,11 @@ async fn observe(rq: &ReliableQueue, ctx: &Context) -> Observed {
                     .join("; ");
                 condition("TopologyReady", Some(false), "Conflict", message)
             };
-            let counts = broker
-                .counts(&topology_ref(&rq.queue_name(), rq))
-                .await
-                .ok()
-                .map(|c| Counts {
-                    ready: c.ready.min(i64::MAX as u64) as i64,
-                    consumers: c.consumers.min(i64::MAX as u64) as i64,
-                    parked: c.parked.min(i64::MAX as u64) as i64,
-                });
+            let counts = broker.counts(&topology).await.ok().map(|c| Counts {
+                ready: c.ready.min(i64::MAX as u64) as i64,
+                consumers: c.consumers.min(i64::MAX as u64) as i64,
+                parked: c.parked.min(i64::MAX as u64) as i64,
+            });
             Observed {
                 broker: condition(
                     "BrokerReachable",
@@ -371,26 +367,11 @@ async fn observe(rq: &ReliableQueue, ctx: &Context) -> Observed {
                     "Connected",
                     access.management_url.clone(),
                 ),
-                topology,
+                topology: topology_ready,
                 objects,
                 counts,
             }
         }
-    }
-}
-
-/// The minimal topology `counts` needs (queue, parking lot, vhost).
-fn topology_ref(queue: &str, rq: &ReliableQueue) -> Topology {
-    Topology {
-        vhost: rq.spec.broker.vhost.clone(),
-        queue: queue.to_owned(),
-        parking_lot: rq.parking_lot_name(),
-        retry_exchange: warren_crds::names::retry_exchange(queue),
-        delay_strategy: Default::default(),
-        exchanges: vec![],
-        queues: vec![],
-        bindings: vec![],
-        policies: vec![],
     }
 }
 

@@ -195,20 +195,12 @@ pub fn retries_of(props: &BasicProperties) -> u32 {
     else {
         return 0;
     };
-    let n: i128 = match v {
-        AMQPValue::ShortShortInt(n) => (*n).into(),
-        AMQPValue::ShortShortUInt(n) => (*n).into(),
-        AMQPValue::ShortInt(n) => (*n).into(),
-        AMQPValue::ShortUInt(n) => (*n).into(),
-        AMQPValue::LongInt(n) => (*n).into(),
-        AMQPValue::LongUInt(n) => (*n).into(),
-        AMQPValue::LongLongInt(n) => (*n).into(),
-        AMQPValue::Timestamp(n) => (*n).into(),
-        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes())
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0),
-        AMQPValue::ShortString(s) => s.as_str().trim().parse().unwrap_or(0),
+    // Integers of any width, or their decimal text; the same reading as
+    // the JSON the app is shown.
+    let n: i128 = match to_json(v) {
+        serde_json::Value::Number(n) if n.is_i64() => n.as_i64().unwrap_or(0).into(),
+        serde_json::Value::Number(n) => n.as_u64().unwrap_or(0).into(),
+        serde_json::Value::String(s) => s.trim().parse().unwrap_or(0),
         _ => 0,
     };
     n.clamp(0, u32::MAX as i128) as u32
