@@ -360,6 +360,7 @@ def check_chart(case, docs, values, chart, report):
     values_env = {k: v.get("value") for k, v in env.items()}
     expect.equal(values_env.get("WARREN_RESYNC"), values["operator"]["resync"], "WARREN_RESYNC")
     expect.equal(values_env.get("WARREN_RETRY"), values["operator"]["retry"], "WARREN_RETRY")
+    expect.equal(values_env.get("WARREN_POOL_INTERVAL"), values["operator"]["poolInterval"], "WARREN_POOL_INTERVAL")
     expect.equal(values_env.get("RUST_LOG"), values["operator"]["logLevel"], "RUST_LOG")
     for extra in values["operator"]["extraEnv"]:
         expect.equal(env.get(extra["name"]), extra, "extra env %s" % extra["name"])
