@@ -17,6 +17,9 @@
   selectors and policies; the RBAC is exactly the operator's list; the
   injection.yaml ConfigMap; cert-manager wiring; PDB, ServiceMonitor;
   labels, names, namespaces; security context and probes.
+- With --operator BIN: `BIN inject` of examples/orders-app.yaml, given
+  each rendering's injection.yaml, injects the sidecar those values ask
+  for (the operator accepts the chart's injection.yaml as it is).
 - The pods roll when injection.yaml changes (checksum annotation), and
   only then.
 - scripts/testdata/chart-values/invalid-*.yaml must be rejected by
@@ -552,6 +555,57 @@ def check_chart(case, docs, values, chart, report):
     return expect.problems
 
 
+def check_injection(case, docs, values, chart, operator, report):
+    """The operator reads the rendered injection.yaml and injects what the
+    values ask for into examples/orders-app.yaml."""
+    import tempfile
+
+    configmaps = [d for d in docs if d["kind"] == "ConfigMap" and "injection.yaml" in (d.get("data") or {})]
+    if len(configmaps) != 1:
+        report.fail("%s: inject: no ConfigMap with injection.yaml" % case.label)
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(configmaps[0]["data"]["injection.yaml"])
+        config = f.name
+    try:
+        result = subprocess.run(
+            [operator, "inject", "-f", "examples/orders.yaml", "-f", "examples/orders-app.yaml", "--injection-config", config],
+            cwd=ROOT, capture_output=True, text=True,
+        )
+    finally:
+        os.unlink(config)
+    if result.returncode != 0:
+        report.fail("%s: warren-operator inject with the chart's injection.yaml: %s" % (case.label, result.stderr.strip()))
+        return
+    s = values["sidecar"]
+    want = {
+        "image": "%s:%s" % (s["image"]["repository"], s["image"].get("tag") or chart["appVersion"]),
+        "imagePullPolicy": s["image"]["pullPolicy"],
+        "resources": s["resources"],
+    }
+    problems, injected = [], 0
+    for doc in yaml.safe_load_all(result.stdout):
+        if not doc or doc.get("kind") not in ("Deployment", "StatefulSet"):
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        sidecars = [c for c in pod.get("initContainers", []) + pod.get("containers", []) if c["name"] == "warren-sidecar"]
+        if not sidecars:
+            continue
+        injected += 1
+        got = {k: sidecars[0].get(k) for k in want}
+        if got != want:
+            problems.append("%s %s: sidecar %r, expected %r" % (doc["kind"], doc["metadata"]["name"], got, want))
+        grace = pod.get("terminationGracePeriodSeconds", 30)
+        if grace < s["terminationGracePeriodSeconds"]:
+            problems.append("%s %s: terminationGracePeriodSeconds %s < %s" % (doc["kind"], doc["metadata"]["name"], grace, s["terminationGracePeriodSeconds"]))
+    if not injected:
+        problems.append("no warren-sidecar injected into examples/orders-app.yaml")
+    for p in problems:
+        report.fail("%s: inject: %s" % (case.label, p))
+    if not problems:
+        report.ok("%s: warren-operator inject with the chart's injection.yaml: %d workloads get the values' sidecar image, pull policy, resources, grace period" % (case.label, injected))
+
+
 def check_checksum(report):
     """The pod template's checksum follows injection.yaml, and only it."""
     release, ns = DEFAULT_RELEASE
@@ -602,6 +656,11 @@ def main():
         help="Kubernetes version(s) to validate against (repeatable; default: "
         "the newest kubernetes-validate ships)",
     )
+    parser.add_argument(
+        "--operator",
+        help="a warren-operator binary: checks that its `inject` reads each "
+        "rendered injection.yaml and injects what the values ask for",
+    )
     args = parser.parse_args()
     if not os.environ.get("HELM"):
         sys.stderr.write("HELM must name a helm binary (scripts/check-chart installs one)\n")
@@ -646,6 +705,8 @@ def main():
                 report.fail("%s: %s" % (case.label, p))
         else:
             report.ok("%s: webhook/Service/env agree, RBAC is the contract's, injection.yaml, labels, security" % case.label)
+        if args.operator:
+            check_injection(case, docs, case.values(defaults), chart, args.operator, report)
 
     for path in invalid:
         expect = header(path, "expect")
