@@ -6,16 +6,20 @@
 //! - [`apply`]: makes a broker match a plan over the management HTTP API;
 //! - [`manifests`]: Warren resources read from YAML files, broker URLs;
 //! - [`controller`]: the Kubernetes controller (status, events, finalizer);
-//! - [`metrics`]: the operator's Prometheus metrics.
+//! - [`metrics`]: the operator's Prometheus metrics;
+//! - [`webhook`]: the HTTPS admission webhook server (`POST /mutate`);
+//! - [`certs`]: its TLS certificates (self-managed CA or a cert-manager directory).
 //!
 //! The broker object names and the retry delay schedule it plans from live
 //! in [`warren_crds`], shared with the sidecar.
 
 pub mod apply;
+pub mod certs;
 pub mod controller;
 pub mod crdgen;
 pub mod manifests;
 pub mod metrics;
 pub mod plan;
+pub mod webhook;
 
 pub use warren_crds::{backoff, names};
