@@ -18,6 +18,7 @@ pub mod store;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use tokio::sync::{Notify, oneshot};
 
 pub use record::{DeadEntry, DecodeError, Message};
@@ -70,8 +71,9 @@ pub struct PendingEntry {
     pub seq: u64,
     /// Its encoded size, for the byte accounting.
     pub size: u64,
-    /// The stored bytes, kept so a dead-lettered entry is stored unchanged.
-    pub raw: Vec<u8>,
+    /// The stored bytes, kept so a dead-lettered entry is stored unchanged
+    /// (the decoded body shares them).
+    pub raw: Bytes,
     /// The decoded message, or why it could not be decoded.
     pub message: Result<Message, DecodeError>,
 }
@@ -328,7 +330,7 @@ impl Outbox {
             dead_at_ms: now_ms(),
             attempts,
             reason: reason.to_owned(),
-            raw: entry.raw.clone(),
+            raw: entry.raw.to_vec(),
         }
         .encode();
         let dead_len = dead.len() as u64;
@@ -426,10 +428,11 @@ impl Outbox {
 }
 
 fn pending_entry(seq: u64, raw: Vec<u8>) -> PendingEntry {
+    let raw = Bytes::from(raw);
     PendingEntry {
         seq,
         size: raw.len() as u64,
-        message: Message::decode(&raw),
+        message: Message::decode_shared(&raw),
         raw,
     }
 }

@@ -119,6 +119,16 @@ impl Message {
 
     /// Decodes a pending entry.
     pub fn decode(raw: &[u8]) -> Result<Self, DecodeError> {
+        Self::decode_with(raw, Bytes::copy_from_slice)
+    }
+
+    /// Decodes a pending entry held in `raw`, sharing its body with `raw`
+    /// instead of copying it.
+    pub fn decode_shared(raw: &Bytes) -> Result<Self, DecodeError> {
+        Self::decode_with(raw, |body| raw.slice_ref(body))
+    }
+
+    fn decode_with(raw: &[u8], body: impl FnOnce(&[u8]) -> Bytes) -> Result<Self, DecodeError> {
         let mut r = Reader(raw);
         if r.u8()? != VERSION {
             return Err(DecodeError("unknown record version"));
@@ -137,7 +147,7 @@ impl Message {
             headers.push((k, v));
         }
         let len = r.u32()? as usize;
-        let body = Bytes::copy_from_slice(r.take(len)?);
+        let body = body(r.take(len)?);
         if !r.0.is_empty() {
             return Err(DecodeError("trailing bytes"));
         }
@@ -313,5 +323,15 @@ mod tests {
         let cut = truncate_utf8(&s, u16::MAX as usize);
         assert!(cut.len() <= u16::MAX as usize);
         assert!(cut.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn shared_decoding_borrows_the_body() {
+        let m = sample();
+        let raw = Bytes::from(m.encode());
+        let back = Message::decode_shared(&raw).unwrap();
+        assert_eq!(back, m);
+        assert!(raw.as_ptr_range().contains(&back.body.as_ptr()));
+        assert!(Message::decode_shared(&raw.slice(..raw.len() - 1)).is_err());
     }
 }
