@@ -9,6 +9,9 @@
 //!   restarted on the same data, frozen, and pushed into a memory alarm;
 //! - [`Proxy`] (`proxy.rs`): an in-process TCP proxy that cuts, resets,
 //!   stalls or refuses connections on demand;
+//! - [`SidecarProcess`] (`sidecar.rs`): the `warren-sidecar` binary as a
+//!   process that can be killed with SIGKILL, stopped with SIGTERM and
+//!   restarted on the same outbox;
 //! - [`TestCa`] (`tls.rs`): a CA and server certificate generated at test time;
 //! - [`TestApp`] (`app.rs`): an HTTP app that receives the sidecar's
 //!   deliveries, answers as told and records them;
@@ -24,6 +27,7 @@ pub mod app;
 pub mod node;
 pub mod ports;
 pub mod proxy;
+pub mod sidecar;
 pub mod tls;
 
 pub use account::{Account, AccountReport};
@@ -31,6 +35,7 @@ pub use app::{Reply, Seen, TestApp};
 pub use node::{NodeOptions, RabbitNode};
 pub use ports::{PortReservation, free_port, reserve_port};
 pub use proxy::Proxy;
+pub use sidecar::{SidecarOptions, SidecarProcess, sidecar_bin};
 pub use tls::TestCa;
 
 /// Install a `tracing` subscriber that writes through the test harness's

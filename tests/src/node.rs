@@ -1031,7 +1031,7 @@ const OWNER_FILE: &str = "owner.pid";
 /// process; a node started from a short-lived thread (`spawn_blocking`)
 /// would otherwise die with that thread. The setting survives the script's
 /// `exec` of the VM.
-fn spawn_tied_to_process(mut cmd: Command) -> std::io::Result<Child> {
+pub(crate) fn spawn_tied_to_process(mut cmd: Command) -> std::io::Result<Child> {
     type Job = (Command, std::sync::mpsc::Sender<std::io::Result<Child>>);
     static SPAWNER: OnceLock<std::sync::mpsc::Sender<Job>> = OnceLock::new();
 
