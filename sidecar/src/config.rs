@@ -30,8 +30,49 @@ pub enum LogFormat {
 #[command(name = "warren-sidecar", version, about)]
 pub struct Config {
     /// Broker URL, amqp:// or amqps:// (credentials may be embedded).
-    #[arg(long, env = "WARREN_BROKER_URL", hide_env_values = true)]
+    /// Without it the URL comes from `--broker-uri`, else
+    /// `--broker-connection-string`, else `--broker-host` and its fellows
+    /// (the keys of a RabbitMQ Cluster Operator Secret).
+    #[arg(
+        long,
+        env = "WARREN_BROKER_URL",
+        hide_env_values = true,
+        default_value = ""
+    )]
     pub broker_url: String,
+
+    /// Broker URL from a Secret's `uri` key.
+    #[arg(long, env = "WARREN_BROKER_URI", hide_env_values = true)]
+    pub broker_uri: Option<String>,
+
+    /// Broker URL from a Secret's `connection_string` key.
+    #[arg(long, env = "WARREN_BROKER_CONNECTION_STRING", hide_env_values = true)]
+    pub broker_connection_string: Option<String>,
+
+    /// Broker host, when no URL is given.
+    #[arg(long, env = "WARREN_BROKER_HOST")]
+    pub broker_host: Option<String>,
+
+    /// Broker port, when no URL is given (default 5672, or 5671 with TLS).
+    #[arg(long, env = "WARREN_BROKER_PORT")]
+    pub broker_port: Option<u16>,
+
+    /// Broker user name, when no URL is given.
+    #[arg(long, env = "WARREN_BROKER_USERNAME", hide_env_values = true)]
+    pub broker_username: Option<String>,
+
+    /// Broker password, when no URL is given.
+    #[arg(long, env = "WARREN_BROKER_PASSWORD", hide_env_values = true)]
+    pub broker_password: Option<String>,
+
+    /// Virtual host; replaces the URL's when set.
+    #[arg(long, env = "WARREN_BROKER_VHOST")]
+    pub broker_vhost: Option<String>,
+
+    /// Use amqps:// when the URL is built from `--broker-host` (also implied
+    /// by port 5671).
+    #[arg(long, env = "WARREN_BROKER_TLS")]
+    pub broker_tls: bool,
 
     /// Directory of the durable outbox (a persistent volume in Kubernetes).
     #[arg(long, env = "WARREN_DATA_DIR")]
@@ -133,8 +174,20 @@ pub struct Config {
     #[arg(long, env = "WARREN_CONFIG")]
     pub config: Option<PathBuf>,
 
+    /// The consumer configuration as JSON in the environment (how the
+    /// injection webhook renders it; takes precedence over `--config`).
+    #[arg(long, env = "WARREN_CONFIG_JSON", hide_env_values = true)]
+    pub config_json: Option<String>,
+
+    /// Drain mode: forward what the outbox holds, accept no publishes and
+    /// consume nothing, and exit once the outbox is empty (status 0), or
+    /// with status 3 when messages refused by the broker remain in its
+    /// dead-letter area. Used by the operator's drain Jobs.
+    #[arg(long, env = "WARREN_DRAIN")]
+    pub drain: bool,
+
     /// The consumer configuration itself, for embedding (takes precedence
-    /// over `--config`).
+    /// over `--config-json` and `--config`).
     #[arg(skip)]
     pub consumer: Option<SidecarConfig>,
 
@@ -146,6 +199,11 @@ pub struct Config {
 impl Config {
     /// Checks what clap cannot.
     pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.broker_url.is_empty(),
+            "no broker: give --broker-url (WARREN_BROKER_URL), --broker-uri, \
+             --broker-connection-string or --broker-host"
+        );
         let scheme = self.broker_url.split("://").next().unwrap_or_default();
         anyhow::ensure!(
             matches!(scheme, "amqp" | "amqps") && self.broker_url.contains("://"),
@@ -170,19 +228,65 @@ impl Config {
         Ok(())
     }
 
-    /// The consumer configuration: `consumer` if set, else the `--config`
-    /// file, else none. Checked as a whole.
-    pub fn consumer_config(&self) -> anyhow::Result<Option<SidecarConfig>> {
-        let config = match (&self.consumer, &self.config) {
-            (Some(c), _) => c.clone(),
-            (None, Some(path)) => load_consumer_config(path)?,
-            (None, None) => return Ok(None),
+    /// Fills `broker_url` from the other broker flags when it is empty:
+    /// `--broker-uri`, else `--broker-connection-string`, else a URL built
+    /// from host, port, user name and password. `--broker-vhost` replaces
+    /// the URL's virtual host.
+    pub fn resolve_broker_url(&mut self) -> anyhow::Result<()> {
+        fn nonempty(v: &Option<String>) -> Option<&str> {
+            v.as_deref().map(str::trim).filter(|v| !v.is_empty())
+        }
+        let mut url = if !self.broker_url.trim().is_empty() {
+            self.broker_url.trim().to_owned()
+        } else if let Some(uri) = nonempty(&self.broker_uri) {
+            uri.to_owned()
+        } else if let Some(uri) = nonempty(&self.broker_connection_string) {
+            uri.to_owned()
+        } else if let Some(host) = nonempty(&self.broker_host) {
+            let tls = self.broker_tls || self.broker_port == Some(5671);
+            let scheme = if tls { "amqps" } else { "amqp" };
+            let port = self.broker_port.unwrap_or(if tls { 5671 } else { 5672 });
+            let userinfo = match (nonempty(&self.broker_username), &self.broker_password) {
+                (Some(user), Some(pass)) => {
+                    format!("{}:{}@", encode_component(user), encode_component(pass))
+                }
+                (Some(user), None) => format!("{}@", encode_component(user)),
+                (None, _) => String::new(),
+            };
+            format!("{scheme}://{userinfo}{host}:{port}")
+        } else {
+            return Ok(());
         };
-        config.validate().map_err(|e| match &self.config {
-            Some(path) if self.consumer.is_none() => {
-                anyhow::anyhow!("invalid consumer config {}: {e}", path.display())
-            }
-            _ => anyhow::anyhow!("invalid consumer config: {e}"),
+        if let Some(vhost) = &self.broker_vhost {
+            url = with_vhost(&url, vhost);
+        }
+        self.broker_url = url;
+        Ok(())
+    }
+
+    /// The consumer configuration: `consumer` if set, else
+    /// `--config-json`, else the `--config` file, else none. Checked as a
+    /// whole. Drain mode consumes nothing.
+    pub fn consumer_config(&self) -> anyhow::Result<Option<SidecarConfig>> {
+        if self.drain {
+            return Ok(None);
+        }
+        let (config, source) = match (&self.consumer, &self.config_json, &self.config) {
+            (Some(c), _, _) => (c.clone(), None),
+            (None, Some(json), _) => (
+                serde_json::from_str(json)
+                    .map_err(|e| anyhow::anyhow!("cannot parse WARREN_CONFIG_JSON: {e}"))?,
+                Some("WARREN_CONFIG_JSON".to_owned()),
+            ),
+            (None, None, Some(path)) => (
+                load_consumer_config(path)?,
+                Some(path.display().to_string()),
+            ),
+            (None, None, None) => return Ok(None),
+        };
+        config.validate().map_err(|e| match source {
+            Some(source) => anyhow::anyhow!("invalid consumer config {source}: {e}"),
+            None => anyhow::anyhow!("invalid consumer config: {e}"),
         })?;
         Ok((!config.queues.is_empty()).then_some(config))
     }
@@ -209,6 +313,28 @@ pub fn load_consumer_config(path: &std::path::Path) -> anyhow::Result<SidecarCon
         .map_err(|e| anyhow::anyhow!("cannot read consumer config {}: {e}", path.display()))?;
     serde_yaml_ng::from_str(&text)
         .map_err(|e| anyhow::anyhow!("cannot parse consumer config {}: {e}", path.display()))
+}
+
+/// Percent-encodes a URL user name, password or virtual host.
+fn encode_component(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// `url` with its virtual host (the path) replaced by `vhost`; the query
+/// stays.
+fn with_vhost(url: &str, vhost: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let (scheme, rest) = base.split_once("://").unwrap_or(("", base));
+    let authority = rest.split('/').next().unwrap_or_default();
+    let mut out = format!("{scheme}://{authority}/{}", encode_component(vhost));
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
 }
 
 /// The broker URL with any password replaced, for logs and status.
@@ -262,6 +388,87 @@ mod tests {
             ..c
         };
         assert!(bad.validate().is_err());
+    }
+
+    fn parts(args: &[&str]) -> Config {
+        let mut argv = vec!["warren-sidecar", "--data-dir=/tmp/x"];
+        argv.extend_from_slice(args);
+        let mut c = Config::try_parse_from(argv).unwrap();
+        c.resolve_broker_url().unwrap();
+        c
+    }
+
+    #[test]
+    fn broker_url_is_built_from_secret_keys() {
+        // A Cluster Operator Secret: host, port, user name and password;
+        // characters that mean something in a URL are encoded.
+        let c = parts(&[
+            "--broker-host=rabbit.ns.svc",
+            "--broker-port=5672",
+            "--broker-username=app",
+            "--broker-password=p@ss/w:rd",
+            "--broker-vhost=/",
+        ]);
+        assert_eq!(
+            c.broker_url,
+            "amqp://app:p%40ss%2Fw%3Ard@rabbit.ns.svc:5672/%2F"
+        );
+        c.validate().unwrap();
+        // Port 5671 means TLS.
+        let c = parts(&[
+            "--broker-host=r",
+            "--broker-port=5671",
+            "--broker-username=u",
+            "--broker-password=p",
+        ]);
+        assert_eq!(c.broker_url, "amqps://u:p@r:5671");
+        // A `uri` key wins over host keys, and the vhost replaces its own.
+        let c = parts(&[
+            "--broker-uri=amqp://u:p@h:5672/%2f?heartbeat=5",
+            "--broker-host=ignored",
+            "--broker-vhost=orders",
+        ]);
+        assert_eq!(c.broker_url, "amqp://u:p@h:5672/orders?heartbeat=5");
+        let c = parts(&["--broker-connection-string=amqp://u:p@h"]);
+        assert_eq!(c.broker_url, "amqp://u:p@h");
+        // An explicit --broker-url wins over everything.
+        let c = parts(&["--broker-url=amqp://x", "--broker-uri=amqp://y"]);
+        assert_eq!(c.broker_url, "amqp://x");
+        // Empty values (optional secretKeyRefs of absent keys) are skipped.
+        let c = parts(&[
+            "--broker-uri=",
+            "--broker-host=h",
+            "--broker-username=u",
+            "--broker-password=p",
+        ]);
+        assert_eq!(c.broker_url, "amqp://u:p@h:5672");
+        // Nothing at all is a clear error.
+        let e = parts(&[]).validate().unwrap_err().to_string();
+        assert!(e.contains("no broker"), "{e}");
+    }
+
+    #[test]
+    fn consumer_config_comes_from_json_in_the_environment() {
+        let mut c = Config::for_local("amqp://localhost", "/tmp/x".into());
+        c.config_json =
+            Some(r#"{"app":{"url":"http://127.0.0.1:8080/"},"queues":[{"name":"orders"}]}"#.into());
+        let cfg = c.consumer_config().unwrap().unwrap();
+        assert_eq!(cfg.queues[0].name, "orders");
+        c.drain = true;
+        assert!(
+            c.consumer_config().unwrap().is_none(),
+            "drain mode consumes nothing"
+        );
+        c.drain = false;
+        c.config_json = Some(r#"{"app":{"url":"http://127.0.0.1:8080/"},"queues":[{"name":"orders","prefetch":0}]}"#.into());
+        let e = c.consumer_config().unwrap_err().to_string();
+        assert!(
+            e.contains("WARREN_CONFIG_JSON") && e.contains("prefetch"),
+            "{e}"
+        );
+        c.config_json = Some("{".into());
+        let e = c.consumer_config().unwrap_err().to_string();
+        assert!(e.contains("cannot parse WARREN_CONFIG_JSON"), "{e}");
     }
 
     #[test]

@@ -168,7 +168,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         outbox: outbox.clone(),
         status: status.clone(),
         metrics: metrics.clone(),
-        accepting: AtomicBool::new(true),
+        // A draining sidecar only forwards what it holds.
+        accepting: AtomicBool::new(!cfg.drain),
         limits: RequestLimits {
             max_message_bytes: cfg.max_message_bytes,
             max_batch_bytes: cfg.max_batch_bytes,

@@ -220,3 +220,86 @@ async fn sigterm_refuses_new_work_keeps_the_rest_and_restart_forwards_it_first_i
     consume_all(&node.amqp_url(), QUEUE, &account, Duration::from_secs(30)).await;
     account.assert_no_loss();
 }
+
+/// Runs `warren-sidecar --drain` on `data` the way the operator's drain Job
+/// does: broker settings from the environment variables an injected
+/// sidecar gets from a Cluster Operator Secret. Returns the exit status and
+/// how long it ran.
+async fn run_drain(data: &std::path::Path, amqp_port: u16) -> (std::process::ExitStatus, Duration) {
+    let log = std::fs::File::create(data.with_extension("drain.log")).unwrap();
+    let started = std::time::Instant::now();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_warren-sidecar"))
+        .arg("--drain")
+        .env("WARREN_DATA_DIR", data)
+        .env("WARREN_LISTEN", "127.0.0.1:0")
+        .env("WARREN_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("WARREN_BROKER_URI", "")
+        .env("WARREN_BROKER_HOST", "127.0.0.1")
+        .env("WARREN_BROKER_PORT", amqp_port.to_string())
+        .env("WARREN_BROKER_USERNAME", "guest")
+        .env("WARREN_BROKER_PASSWORD", "guest")
+        .env("WARREN_BROKER_VHOST", "/")
+        .env("WARREN_RECONNECT_MAX", "500ms")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn warren-sidecar --drain");
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "drain did not finish in 60 s\n{}",
+                std::fs::read_to_string(data.with_extension("drain.log")).unwrap_or_default()
+            )
+        })
+        .unwrap();
+    (status, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drain_mode_forwards_what_a_killed_sidecar_left_and_exits() {
+    init_tracing();
+    let node = start_node().await;
+    declare_topology(&node).await;
+    let node = on_node(node, |n| n.stop()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("outbox");
+
+    // A pod's sidecar accepts messages while the broker is down, then the
+    // pod is deleted (SIGKILL): the messages stay on its volume.
+    let mut sidecar = SidecarProcess::start(&data, &node.amqp_url(), &[]).await;
+    let http = client();
+    let account = Account::new();
+    for i in 0..300 {
+        let id = format!("orphan-{i:04}");
+        assert!(
+            publish(
+                &http,
+                &sidecar.api,
+                EXCHANGE,
+                KEY,
+                &id,
+                id.as_bytes().to_vec()
+            )
+            .await
+            .unwrap()
+        );
+        account.record_acked(id);
+    }
+    sidecar.kill9();
+
+    // The broker comes back; a drain run on the volume forwards everything
+    // and exits 0.
+    let node = on_node(node, |n| n.start_again()).await;
+    let (status, took) = run_drain(&data, node.amqp_port()).await;
+    assert!(status.success(), "drain exit status {status:?}");
+    consume_all(&node.amqp_url(), QUEUE, &account, Duration::from_secs(30)).await;
+    let report = account.report();
+    println!("drain of a killed sidecar's outbox: {report} in {took:?}");
+    account.assert_no_loss();
+
+    // Draining an empty outbox is quick and also succeeds.
+    let (status, took) = run_drain(&data, node.amqp_port()).await;
+    assert!(status.success(), "drain exit status {status:?}");
+    assert!(took < Duration::from_secs(15), "empty drain took {took:?}");
+}
