@@ -230,6 +230,29 @@ def expected_error(path):
     raise SystemExit("%s has no '# expect: <error text>' line" % path)
 
 
+def check_injected(doc):
+    """An injected workload holds the sidecar, its outbox and its env."""
+    if doc["kind"] == "Pod":
+        spec, meta = doc["spec"], doc["metadata"]
+    else:
+        spec, meta = doc["spec"]["template"]["spec"], doc["spec"]["template"]["metadata"]
+    if meta.get("annotations", {}).get("warren.dev/injected") != "true":
+        raise Invalid("%s %s was not injected" % (doc["kind"], doc["metadata"]["name"]))
+    sidecars = [c for c in spec.get("initContainers", []) + spec["containers"]
+                if c["name"] == "warren-sidecar"]
+    if len(sidecars) != 1:
+        raise Invalid("expected one warren-sidecar container, found %d" % len(sidecars))
+    env = {e["name"] for e in sidecars[0].get("env", [])}
+    missing = {"WARREN_DATA_DIR", "WARREN_BROKER_PASSWORD", "WARREN_BROKER_VHOST"} - env
+    if missing:
+        raise Invalid("sidecar env lacks %s" % ", ".join(sorted(missing)))
+    volumes = {v["name"] for v in spec.get("volumes", [])}
+    templates = {t["metadata"]["name"] for t in doc.get("spec", {}).get("volumeClaimTemplates", [])}
+    if "warren-outbox" not in volumes | templates:
+        raise Invalid("no warren-outbox volume or volume claim template")
+    return "sidecar, outbox and broker env injected"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -237,6 +260,13 @@ def main():
         action="append",
         help="Kubernetes version(s) for the built-in schemas (repeatable; "
         "default: 1.31 and the newest kubernetes-validate ships)",
+    )
+    parser.add_argument(
+        "--injected",
+        action="append",
+        default=[],
+        help="output of `warren-operator inject -f` to validate as well "
+        "(repeatable); every workload in it must hold the sidecar",
     )
     args = parser.parse_args()
     versions = args.kubernetes_version or ["1.31", kubernetes_validate.latest_version()]
@@ -250,6 +280,16 @@ def main():
         for label, doc in load_documents(path):
             try:
                 report.ok(label, validate_resource(doc, crds, versions))
+            except Invalid as e:
+                report.fail(label, str(e))
+
+    for path in args.injected:
+        for label, doc in load_documents(os.path.abspath(path)):
+            try:
+                what = validate_resource(doc, crds, versions)
+                if doc.get("kind") in ("Pod", "Deployment", "StatefulSet"):
+                    what += "; " + check_injected(doc)
+                report.ok(label, what)
             except Invalid as e:
                 report.fail(label, str(e))
 

@@ -7,19 +7,25 @@
 //! - [`manifests`]: Warren resources read from YAML files, broker URLs;
 //! - [`controller`]: the Kubernetes controller (status, events, finalizer);
 //! - [`metrics`]: the operator's Prometheus metrics;
+//! - [`inject`]: sidecar injection into a pod spec (pure);
+//! - [`admission`]: the webhook's Pod handler (injection and claims);
+//! - [`pool`]: outbox claims that outlive pods, and their drain Jobs;
 //! - [`webhook`]: the HTTPS admission webhook server (`POST /mutate`);
 //! - [`certs`]: its TLS certificates (self-managed CA or a cert-manager directory).
 //!
 //! The broker object names and the retry delay schedule it plans from live
 //! in [`warren_crds`], shared with the sidecar.
 
+pub mod admission;
 pub mod apply;
 pub mod certs;
 pub mod controller;
 pub mod crdgen;
+pub mod inject;
 pub mod manifests;
 pub mod metrics;
 pub mod plan;
+pub mod pool;
 pub mod webhook;
 
 pub use warren_crds::{backoff, names};

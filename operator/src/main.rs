@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use warren_operator::apply::Broker;
+use warren_operator::inject::InjectionConfig;
 use warren_operator::manifests::{BrokerUrl, Manifests};
 use warren_operator::plan;
 
@@ -42,6 +43,22 @@ enum Command {
         /// This replica's identity in the Lease.
         #[arg(long, env = "POD_NAME", default_value = "warren-operator")]
         identity: String,
+        #[command(flatten)]
+        webhook: WebhookArgs,
+    },
+    /// Prints the documents of FILEs with the sidecar injected into the
+    /// Pods, Deployments and StatefulSets annotated `warren.dev/inject:
+    /// enabled`, exactly as the webhook injects it (the ReliableQueues and
+    /// RetryPolicies they name come from the same files). Exit status 1,
+    /// and nothing printed, when one cannot be injected.
+    Inject {
+        /// YAML files; documents of other kinds are printed unchanged.
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+        /// Injection settings (image, resources, outbox claims), as the
+        /// chart's ConfigMap holds them; default: built-in defaults.
+        #[arg(long, env = "WARREN_INJECTION_CONFIG")]
+        injection_config: Option<PathBuf>,
     },
     /// Writes the CRD manifests (`reliablequeue.yaml`, `retrypolicy.yaml`).
     Crdgen {
@@ -68,6 +85,37 @@ enum Command {
     },
 }
 
+/// The admission webhook's flags (`run`).
+#[derive(Debug, clap::Args)]
+struct WebhookArgs {
+    /// HTTPS address of the sidecar injection webhook (`POST /mutate`).
+    #[arg(long, env = "WARREN_WEBHOOK_LISTEN", default_value = "0.0.0.0:9443")]
+    webhook_listen: SocketAddr,
+    /// Directory with `tls.crt` and `tls.key` (e.g. a cert-manager
+    /// Certificate's Secret), re-read when they change. Without it the
+    /// operator makes its own CA and certificate and patches the CA into
+    /// the MutatingWebhookConfiguration.
+    #[arg(long, env = "WARREN_WEBHOOK_CERT_DIR")]
+    webhook_cert_dir: Option<PathBuf>,
+    /// The webhook Service (the certificate's DNS names).
+    #[arg(long, env = "WARREN_WEBHOOK_SERVICE", default_value = "warren-webhook")]
+    webhook_service: String,
+    /// The MutatingWebhookConfiguration whose caBundle the operator keeps.
+    #[arg(long, env = "WARREN_WEBHOOK_CONFIG", default_value = "warren")]
+    webhook_config: String,
+    /// Injection settings (sidecar image, resources, outbox claims).
+    #[arg(
+        long,
+        env = "WARREN_INJECTION_CONFIG",
+        default_value = "/etc/warren/injection.yaml"
+    )]
+    injection_config: PathBuf,
+    /// How often the leader checks outbox claims (drains idle ones, shrinks
+    /// pools).
+    #[arg(long, env = "WARREN_POOL_INTERVAL", value_parser = duration, default_value = "30s")]
+    pool_interval: Duration,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -77,9 +125,19 @@ fn main() -> ExitCode {
             retry,
             lease_namespace,
             identity,
+            webhook,
         } => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(run(admin_listen, resync, retry, lease_namespace, identity)))
+            .and_then(|rt| {
+                rt.block_on(run(
+                    admin_listen,
+                    resync,
+                    retry,
+                    lease_namespace,
+                    identity,
+                    webhook,
+                ))
+            })
             .map(|()| ExitCode::SUCCESS),
         Command::Crdgen { out_dir: Some(dir) } => {
             warren_operator::crdgen::write(&dir).map(|()| ExitCode::SUCCESS)
@@ -90,6 +148,10 @@ fn main() -> ExitCode {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Inject {
+            files,
+            injection_config,
+        } => inject(&files, injection_config.as_deref()),
         Command::Apply {
             files,
             broker_url,
@@ -105,6 +167,25 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn inject(files: &[PathBuf], config: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    let config = match config {
+        Some(path) => {
+            anyhow::ensure!(path.exists(), "no injection config at {}", path.display());
+            InjectionConfig::load(path)?
+        }
+        None => InjectionConfig::default(),
+    };
+    let out = warren_operator::manifests::inject_files(files, &config)?;
+    print!("{}", out.yaml);
+    for workload in &out.injected {
+        eprintln!("{workload}: sidecar injected");
+    }
+    if out.injected.is_empty() {
+        eprintln!("nothing annotated warren.dev/inject: enabled");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn apply(
@@ -179,6 +260,7 @@ async fn run(
     retry: Duration,
     lease_namespace: String,
     identity: String,
+    webhook: WebhookArgs,
 ) -> anyhow::Result<()> {
     use kube::runtime::events::{Recorder, Reporter};
     use kube_lease_manager::LeaseManagerBuilder;
@@ -193,6 +275,30 @@ async fn run(
         .init();
     let client = kube::Client::try_default().await?;
     let metrics = Arc::new(Metrics::new());
+    let injection = InjectionConfig::load(&webhook.injection_config)?;
+
+    // Every replica answers admissions; only the leader reconciles.
+    let injector = Arc::new(warren_operator::admission::PodInjector::new(
+        client.clone(),
+        injection.clone(),
+    ));
+    let handler: warren_operator::webhook::Handler = Arc::new(move |request| {
+        let injector = injector.clone();
+        Box::pin(async move { injector.admit(request).await })
+    });
+    let _webhook = warren_operator::webhook::start_webhook(
+        warren_operator::webhook::WebhookSettings::new(
+            webhook.webhook_listen,
+            webhook.webhook_cert_dir.clone(),
+            webhook.webhook_service.clone(),
+            lease_namespace.clone(),
+            webhook.webhook_config.clone(),
+        ),
+        client.clone(),
+        handler,
+    )
+    .await?;
+    let pool_interval = webhook.pool_interval;
     let admin = {
         let metrics = metrics.clone();
         axum::Router::new()
@@ -249,6 +355,21 @@ async fn run(
                     break;
                 }
             }
+        };
+        let keeper = warren_operator::pool::PoolKeeper {
+            client: client.clone(),
+            config: injection.clone(),
+        };
+        let lost = async move {
+            // The outbox claim keeper runs beside the controller, as long
+            // as the lease is held.
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let keeper = tokio::spawn(keeper.run(pool_interval, async move {
+                let _ = stopped.await;
+            }));
+            lost.await;
+            let _ = stop.send(());
+            let _ = keeper.await;
         };
         tokio::select! {
             () = controller::run(client.clone(), ctx.clone(), lost) => {

@@ -223,3 +223,166 @@ mod tests {
         );
     }
 }
+
+/// What `warren-operator inject -f` made of some files.
+#[derive(Debug)]
+pub struct Injected {
+    /// Every document, the injected ones changed, as multi-document YAML.
+    pub yaml: String,
+    /// `Kind/name` of each workload that got the sidecar.
+    pub injected: Vec<String>,
+}
+
+/// Injects the sidecar into the annotated Pods, Deployments and
+/// StatefulSets of `paths`, as the webhook would at Pod CREATE; the
+/// ReliableQueues and RetryPolicies they name come from the same files.
+/// A StatefulSet gets a `warren-outbox` volume claim template (one claim
+/// per ordinal); Deployments and Pods get a placeholder volume that the
+/// webhook replaces with a claim from the workload's pool at Pod CREATE.
+pub fn inject_files(
+    paths: &[PathBuf],
+    config: &crate::inject::InjectionConfig,
+) -> Result<Injected, ManifestError> {
+    use crate::inject::{self, Outcome, Resources};
+    use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+    use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+
+    let mut docs: Vec<(PathBuf, usize, serde_yaml_ng::Value)> = Vec::new();
+    let mut resources = Resources::default();
+    for path in paths {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ManifestError::Read(path.clone(), e))?;
+        let mut found = Manifests::default();
+        found.add(path, &text)?;
+        for rq in found.queues {
+            resources
+                .queues
+                .insert(rq.metadata.name.clone().unwrap_or_default(), rq);
+        }
+        resources.policies.extend(found.policies);
+        for (index, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+            let value =
+                serde_yaml_ng::Value::deserialize(doc).map_err(|e| ManifestError::Parse {
+                    path: path.clone(),
+                    index: index + 1,
+                    message: e.to_string(),
+                })?;
+            if !value.is_null() {
+                docs.push((path.clone(), index + 1, value));
+            }
+        }
+    }
+
+    let mut out = Injected {
+        yaml: String::new(),
+        injected: Vec::new(),
+    };
+    for (path, index, value) in docs {
+        let err = |message: String| ManifestError::Parse {
+            path: path.clone(),
+            index,
+            message,
+        };
+        let head: Head =
+            serde_yaml_ng::from_value(value.clone()).map_err(|e| err(e.to_string()))?;
+        let rendered = match (head.api_version.as_str(), head.kind.as_str()) {
+            ("v1", "Pod") => {
+                let mut pod: Pod =
+                    serde_yaml_ng::from_value(value).map_err(|e| err(format!("Pod: {e}")))?;
+                let spec = pod
+                    .spec
+                    .as_mut()
+                    .ok_or_else(|| err("Pod has no spec".into()))?;
+                let outcome = inject::inject(&mut pod.metadata, spec, &resources, config, true)
+                    .map_err(|e| {
+                        err(format!(
+                            "Pod {}: {e}",
+                            pod.metadata.name.clone().unwrap_or_default()
+                        ))
+                    })?;
+                if outcome == Outcome::Injected {
+                    out.injected.push(format!(
+                        "Pod/{}",
+                        pod.metadata.name.clone().unwrap_or_default()
+                    ));
+                }
+                serde_yaml_ng::to_string(&pod)
+            }
+            ("apps/v1", "Deployment") => {
+                let mut d: Deployment = serde_yaml_ng::from_value(value)
+                    .map_err(|e| err(format!("Deployment: {e}")))?;
+                let name = d.metadata.name.clone().unwrap_or_default();
+                let template = &mut d.spec.template;
+                let meta = template.metadata.get_or_insert_with(Default::default);
+                let spec = template
+                    .spec
+                    .as_mut()
+                    .ok_or_else(|| err("Deployment has no pod template spec".into()))?;
+                let outcome = inject::inject(meta, spec, &resources, config, true)
+                    .map_err(|e| err(format!("Deployment {name}: {e}")))?;
+                if outcome == Outcome::Injected {
+                    out.injected.push(format!("Deployment/{name}"));
+                }
+                serde_yaml_ng::to_string(&d)
+            }
+            ("apps/v1", "StatefulSet") => {
+                let mut s: StatefulSet = serde_yaml_ng::from_value(value)
+                    .map_err(|e| err(format!("StatefulSet: {e}")))?;
+                let name = s.metadata.name.clone().unwrap_or_default();
+                let sts = &mut s.spec;
+                let meta = sts.template.metadata.get_or_insert_with(Default::default);
+                let wants_claim = inject::parse_annotations(
+                    meta.annotations.as_ref().unwrap_or(&Default::default()),
+                )
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.outbox == inject::OutboxMode::Claim);
+                let spec = sts
+                    .template
+                    .spec
+                    .as_mut()
+                    .ok_or_else(|| err("StatefulSet has no pod template spec".into()))?;
+                let outcome = inject::inject(meta, spec, &resources, config, !wants_claim)
+                    .map_err(|e| err(format!("StatefulSet {name}: {e}")))?;
+                if outcome == Outcome::Injected {
+                    if wants_claim {
+                        // One claim per ordinal: `warren-outbox-<pod>`, made
+                        // by the StatefulSet controller itself.
+                        spec.volumes
+                            .iter_mut()
+                            .for_each(|v| v.retain(|v| v.name != inject::VOLUME));
+                        if spec.volumes.as_ref().is_some_and(Vec::is_empty) {
+                            spec.volumes = None;
+                        }
+                        let templates = sts.volume_claim_templates.get_or_insert_with(Vec::new);
+                        if !templates
+                            .iter()
+                            .any(|t| t.metadata.name.as_deref() == Some(inject::VOLUME))
+                        {
+                            templates.push(PersistentVolumeClaim {
+                                metadata:
+                                    k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                                        name: Some(inject::VOLUME.into()),
+                                        labels: Some(BTreeMap::from([(
+                                            crate::pool::MANAGED_BY.to_owned(),
+                                            crate::pool::MANAGER.to_owned(),
+                                        )])),
+                                        ..Default::default()
+                                    },
+                                spec: Some(config.claim_spec()),
+                                ..Default::default()
+                            });
+                        }
+                    }
+                    out.injected.push(format!("StatefulSet/{name}"));
+                }
+                serde_yaml_ng::to_string(&s)
+            }
+            _ => serde_yaml_ng::to_string(&value),
+        }
+        .map_err(|e| err(e.to_string()))?;
+        out.yaml.push_str("---\n");
+        out.yaml.push_str(&rendered);
+    }
+    Ok(out)
+}

@@ -460,7 +460,10 @@ mod tests {
             "drain mode consumes nothing"
         );
         c.drain = false;
-        c.config_json = Some(r#"{"app":{"url":"http://127.0.0.1:8080/"},"queues":[{"name":"orders","prefetch":0}]}"#.into());
+        c.config_json = Some(
+            r#"{"app":{"url":"http://127.0.0.1:8080/"},"queues":[{"name":"orders","prefetch":0}]}"#
+                .into(),
+        );
         let e = c.consumer_config().unwrap_err().to_string();
         assert!(
             e.contains("WARREN_CONFIG_JSON") && e.contains("prefetch"),
