@@ -17,6 +17,9 @@
 //!   deliveries, answers as told and records them;
 //! - [`Account`] (`account.rs`): the ledger of acknowledged and received
 //!   message ids that every message-path test asserts on;
+//! - [`scenario`]: the fault-injection engine of the suite and the demo
+//!   (broker, proxy, producer and consumer sidecars, a seeded schedule of
+//!   faults, and the account at the end);
 //! - [`free_port`] (`ports.rs`) and [`init_tracing`] for test plumbing.
 //!
 //! Node lifecycle calls block (see [`node`] for how to call them from async
@@ -27,6 +30,7 @@ pub mod app;
 pub mod node;
 pub mod ports;
 pub mod proxy;
+pub mod scenario;
 pub mod sidecar;
 pub mod tls;
 
