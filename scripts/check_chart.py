@@ -488,6 +488,12 @@ def check_chart(case, docs, values, chart, report):
     if expect(len(roles) == 1, "%d Roles rendered, expected 1" % len(roles)):
         got = rbac_grants(roles[0]["rules"])
         want = expected_grants(LEASE_RBAC)
+        if not values["webhook"]["certManager"]["enabled"] and config_name:
+            # The self-managed CA Secret: create, and update of that one name.
+            want |= expected_grants([("", ["secrets"], ["create"])]) | rbac_grants([{
+                "apiGroups": [""], "resources": ["secrets"], "verbs": ["update"],
+                "resourceNames": [config_name + "-ca"],
+            }])
         expect(got == want, "Role grants differ from the contract: extra %s, missing %s" % (sorted(got - want), sorted(want - got)))
     for binding_kind, role_kind, role in (("ClusterRoleBinding", "ClusterRole", cluster_role), ("RoleBinding", "Role", roles[0] if roles else None)):
         bindings = by_kind.get(binding_kind, [])
