@@ -6,13 +6,19 @@
 mod fake;
 
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
 
 use fake::FakeApi;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use serde_json::{Value, json};
 use warren_operator::admission::PodInjector;
+use warren_operator::certs::{self, ServerCerts};
 use warren_operator::inject::InjectionConfig;
+use warren_operator::webhook::{self, Handler};
 
 fn review() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -213,5 +219,72 @@ async fn other_pods_kinds_and_operations_pass_unchanged() {
     assert!(
         api.log().iter().all(|s| s.method == http::Method::GET),
         "nothing written"
+    );
+}
+
+/// The whole path the API server takes: HTTPS to the webhook's Service
+/// name, the AdmissionReview fixture, the real injector behind it.
+#[tokio::test]
+async fn the_api_server_gets_the_patch_over_https() {
+    let api = api_with_examples();
+    let (client, _server) = api.client();
+    let injector = Arc::new(PodInjector::new(client, InjectionConfig::default()));
+    let handler: Handler = Arc::new(move |request| {
+        let injector = injector.clone();
+        Box::pin(async move { injector.admit(request).await })
+    });
+    let generated =
+        certs::generate("warren-webhook", "warren-system", Duration::from_secs(3600)).unwrap();
+    let served = Arc::new(
+        ServerCerts::from_pem(generated.cert_pem.as_bytes(), generated.key_pem.as_bytes()).unwrap(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(webhook::serve(listener, served, handler, async {
+        let _ = stopped.await;
+    }));
+    let host = "warren-webhook.warren-system.svc";
+    let http = reqwest::Client::builder()
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(generated.ca_pem.as_bytes()).unwrap())
+        .resolve(host, addr)
+        .build()
+        .unwrap();
+    let review = review();
+    let answer: Value = http
+        .post(format!("https://{host}:{}/mutate", addr.port()))
+        .json(&review)
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(answer["kind"], "AdmissionReview");
+    let response = &answer["response"];
+    assert_eq!(response["uid"], review["request"]["uid"]);
+    assert_eq!(response["allowed"], true);
+    assert_eq!(response["patchType"], "JSONPatch");
+    let patch: json_patch::Patch = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(response["patch"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let mut pod = review["request"]["object"].clone();
+    json_patch::patch(&mut pod, &patch).unwrap();
+    assert_eq!(
+        sidecar(&pod)["image"],
+        format!(
+            "ghcr.io/warren-dev/warren-sidecar:{}",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
+    assert_eq!(
+        outbox(&pod)["persistentVolumeClaim"]["claimName"],
+        "warren-outbox-deployment-orders-api-0"
     );
 }
