@@ -714,7 +714,6 @@ impl Rig {
             self.stats.clone(),
             self.current.clone(),
         );
-        let app = self.app.shared.clone();
         let outbox_url = format!("{}/v1/outbox", self.producer.api_url());
         tokio::spawn(async move {
             let http = reqwest::Client::builder()
@@ -739,7 +738,7 @@ impl Rig {
                 let report = account.report();
                 console.progress(&format!(
                     "acked {acked} ({rate:.0}/s) | delivered {} (dup {}) | pending in outbox {pending} | 507s {} | {}",
-                    load(&app.deliveries),
+                    report.acked - report.lost,
                     report.duplicated,
                     load(&stats.full),
                     current.lock().unwrap()
