@@ -234,15 +234,13 @@ fn list(value: &str) -> Vec<String> {
 pub fn parse_annotations(
     annotations: &BTreeMap<String, String>,
 ) -> Result<Option<Request>, InjectError> {
-    match annotations.get(INJECT).map(|v| v.trim()) {
-        None | Some("disabled") => return Ok(None),
-        Some("enabled") => {}
-        Some(other) => {
-            return Err(annotation_error(
-                INJECT,
-                format!("{other:?} is neither \"enabled\" nor \"disabled\""),
-            ));
-        }
+    if !choice(
+        annotations,
+        INJECT,
+        [("enabled", true), ("disabled", false)],
+        false,
+    )? {
+        return Ok(None);
     }
     let queues = annotations.get(QUEUES).map(|v| list(v)).unwrap_or_default();
     if queues.is_empty() {
@@ -311,26 +309,24 @@ pub fn parse_annotations(
             format!("{app_path:?} must be a path starting with /"),
         ));
     }
-    let mode = match annotations.get(SIDECAR_MODE).map(|v| v.trim()) {
-        None | Some("native") => SidecarMode::Native,
-        Some("container") => SidecarMode::Container,
-        Some(other) => {
-            return Err(annotation_error(
-                SIDECAR_MODE,
-                format!("{other:?} is neither \"native\" nor \"container\""),
-            ));
-        }
-    };
-    let outbox = match annotations.get(OUTBOX).map(|v| v.trim()) {
-        None | Some("claim") => OutboxMode::Claim,
-        Some("emptyDir") => OutboxMode::EmptyDir,
-        Some(other) => {
-            return Err(annotation_error(
-                OUTBOX,
-                format!("{other:?} is neither \"claim\" nor \"emptyDir\""),
-            ));
-        }
-    };
+    let mode = choice(
+        annotations,
+        SIDECAR_MODE,
+        [
+            ("native", SidecarMode::Native),
+            ("container", SidecarMode::Container),
+        ],
+        SidecarMode::Native,
+    )?;
+    let outbox = choice(
+        annotations,
+        OUTBOX,
+        [
+            ("claim", OutboxMode::Claim),
+            ("emptyDir", OutboxMode::EmptyDir),
+        ],
+        OutboxMode::Claim,
+    )?;
     Ok(Some(Request {
         queues,
         consume,
@@ -339,6 +335,31 @@ pub fn parse_annotations(
         mode,
         outbox,
     }))
+}
+
+/// The value of a two-way annotation; `default` when it is absent.
+fn choice<T: Copy>(
+    annotations: &BTreeMap<String, String>,
+    key: &'static str,
+    options: [(&str, T); 2],
+    default: T,
+) -> Result<T, InjectError> {
+    let Some(value) = annotations.get(key).map(|v| v.trim()) else {
+        return Ok(default);
+    };
+    options
+        .iter()
+        .find(|(name, _)| *name == value)
+        .map(|(_, t)| *t)
+        .ok_or_else(|| {
+            annotation_error(
+                key,
+                format!(
+                    "{value:?} is neither \"{}\" nor \"{}\"",
+                    options[0].0, options[1].0
+                ),
+            )
+        })
 }
 
 fn is_dns_subdomain(s: &str) -> bool {

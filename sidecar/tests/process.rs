@@ -55,22 +55,7 @@ async fn sigterm_refuses_new_work_keeps_the_rest_and_restart_forwards_it_first_i
     let mut sidecar = SidecarProcess::start(&data, &node.amqp_url(), &["--drain-timeout=3s"]).await;
     let http = client();
     let account = Account::new();
-    for i in 0..200 {
-        let id = format!("old-{i:04}");
-        assert!(
-            publish(
-                &http,
-                &sidecar.api,
-                EXCHANGE,
-                KEY,
-                &id,
-                id.as_bytes().to_vec()
-            )
-            .await
-            .unwrap()
-        );
-        account.record_acked(id);
-    }
+    publish_acked(&sidecar.api, "old", 200, &account).await;
 
     // SIGTERM with the broker down: new publishes get 503 while the sidecar
     // tries to drain, then it exits cleanly with the messages on disk.
@@ -138,22 +123,7 @@ async fn sigterm_refuses_new_work_keeps_the_rest_and_restart_forwards_it_first_i
     // before anything published after the restart.
     let node = on_node(node, |n| n.start_again()).await;
     sidecar.restart().await;
-    for i in 0..100 {
-        let id = format!("new-{i:04}");
-        assert!(
-            publish(
-                &http,
-                &sidecar.api,
-                EXCHANGE,
-                KEY,
-                &id,
-                id.as_bytes().to_vec()
-            )
-            .await
-            .unwrap()
-        );
-        account.record_acked(id);
-    }
+    publish_acked(&sidecar.api, "new", 100, &account).await;
     wait_drained(&sidecar.api, Duration::from_secs(60)).await;
     let received = consume_all(&node.amqp_url(), QUEUE, &account, Duration::from_secs(30)).await;
     println!("SIGTERM + restart: {}", account.report());
@@ -268,24 +238,8 @@ async fn drain_mode_forwards_what_a_killed_sidecar_left_and_exits() {
     // A pod's sidecar accepts messages while the broker is down, then the
     // pod is deleted (SIGKILL): the messages stay on its volume.
     let mut sidecar = SidecarProcess::start(&data, &node.amqp_url(), &[]).await;
-    let http = client();
     let account = Account::new();
-    for i in 0..300 {
-        let id = format!("orphan-{i:04}");
-        assert!(
-            publish(
-                &http,
-                &sidecar.api,
-                EXCHANGE,
-                KEY,
-                &id,
-                id.as_bytes().to_vec()
-            )
-            .await
-            .unwrap()
-        );
-        account.record_acked(id);
-    }
+    publish_acked(&sidecar.api, "orphan", 300, &account).await;
     sidecar.kill9();
 
     // The broker comes back; a drain run on the volume forwards everything

@@ -124,6 +124,23 @@ pub async fn publish(
     Ok(resp.status() == reqwest::StatusCode::ACCEPTED)
 }
 
+/// Publishes `count` messages with ids `<prefix>-<n>` (the body is the id)
+/// one after another, each of which must be answered 202, and records them
+/// in `account`.
+pub async fn publish_acked(api: &str, prefix: &str, count: usize, account: &Account) {
+    let http = client();
+    for i in 0..count {
+        let id = format!("{prefix}-{i:04}");
+        assert!(
+            publish(&http, api, EXCHANGE, KEY, &id, id.as_bytes().to_vec())
+                .await
+                .unwrap(),
+            "{id} not accepted"
+        );
+        account.record_acked(id);
+    }
+}
+
 /// Concurrent HTTP producers that record every 202 in the account.
 pub struct Producers {
     stop: Arc<AtomicBool>,
