@@ -13,9 +13,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    HTTPGetAction, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource,
+    PodSecurityContext, PodSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    SecurityContext, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -516,6 +516,16 @@ pub fn security_context() -> SecurityContext {
     }
 }
 
+/// The pod-level settings that make the outbox volume writable by the
+/// sidecar's user: the volume's group is the sidecar's.
+pub fn outbox_pod_security_context() -> PodSecurityContext {
+    PodSecurityContext {
+        fs_group: Some(SIDECAR_UID),
+        fs_group_change_policy: Some("OnRootMismatch".into()),
+        ..Default::default()
+    }
+}
+
 fn probe(path: &str, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
@@ -656,6 +666,21 @@ pub fn inject(
         meta.labels
             .get_or_insert_with(BTreeMap::new)
             .insert(CLAIM_LABEL.into(), claim);
+    }
+
+    // A claim's file system belongs to root unless the pod names a group
+    // for its volumes; the sidecar's user must be able to write it. A group
+    // the pod already names is kept: every container gets it.
+    let pod_security = spec
+        .security_context
+        .get_or_insert_with(PodSecurityContext::default);
+    if pod_security.fs_group.is_none() {
+        let wanted = outbox_pod_security_context();
+        pod_security.fs_group = wanted.fs_group;
+        pod_security.fs_group_change_policy = pod_security
+            .fs_group_change_policy
+            .take()
+            .or(wanted.fs_group_change_policy);
     }
 
     let grace = spec.termination_grace_period_seconds.unwrap_or(30);
@@ -879,6 +904,8 @@ mod tests {
             Some("http://127.0.0.1:7171")
         );
         assert_eq!(spec.termination_grace_period_seconds, Some(45));
+        // The claim is writable by the sidecar's user.
+        assert_eq!(spec.security_context.unwrap().fs_group, Some(SIDECAR_UID));
     }
 
     #[test]
@@ -996,9 +1023,13 @@ mod tests {
     }
 
     #[test]
-    fn the_pods_longer_grace_and_own_warren_url_are_kept() {
+    fn the_pods_longer_grace_own_warren_url_and_own_fs_group_are_kept() {
         let (mut meta, mut spec) = pod(&[(INJECT, "enabled"), (QUEUES, "orders")]);
         spec.termination_grace_period_seconds = Some(120);
+        spec.security_context = Some(PodSecurityContext {
+            fs_group: Some(2000),
+            ..Default::default()
+        });
         spec.containers[0].env = Some(vec![env("WARREN_URL", "http://127.0.0.1:9999")]);
         inject(
             &mut meta,
@@ -1010,6 +1041,7 @@ mod tests {
         .unwrap();
         assert_eq!(spec.termination_grace_period_seconds, Some(120));
         assert_eq!(spec.containers[0].env.as_ref().unwrap().len(), 1);
+        assert_eq!(spec.security_context.unwrap().fs_group, Some(2000));
     }
 
     #[test]

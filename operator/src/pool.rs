@@ -549,6 +549,7 @@ pub fn drain_job(claim: &PersistentVolumeClaim, config: &InjectionConfig) -> Job
                 }),
                 spec: Some(PodSpec {
                     restart_policy: Some("OnFailure".into()),
+                    security_context: Some(inject::outbox_pod_security_context()),
                     containers: vec![Container {
                         name: "drain".into(),
                         image: Some(config.image.clone()),
@@ -614,8 +615,9 @@ impl PoolKeeper {
                     .get_opt(name)
                     .await?
                     .map(|d| d.spec.replicas.unwrap_or(1)),
-                // Other owners: keep what is there.
-                _ => Some(i32::MAX),
+                // Other owners (Jobs, DaemonSets, ReplicaSets of their
+                // own): a drained claim nobody holds is not kept.
+                _ => Some(0),
             };
             out.insert(key, count);
         }
@@ -1051,6 +1053,11 @@ mod tests {
         let spec = job.spec.unwrap().template.spec.unwrap();
         let c = &spec.containers[0];
         assert_eq!(c.args.as_deref(), Some(&["--drain".to_string()][..]));
+        assert_eq!(
+            spec.security_context.as_ref().unwrap().fs_group,
+            Some(crate::inject::SIDECAR_UID),
+            "the claim is writable by the sidecar's user"
+        );
         let names: Vec<_> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
         assert!(
             names.contains(&"WARREN_BROKER_PASSWORD") && names.contains(&"WARREN_DATA_DIR"),

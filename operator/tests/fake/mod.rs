@@ -148,13 +148,16 @@ impl FakeApi {
 
     async fn serve(self, mut handle: Handle) {
         let mut held: Vec<(Request<Body>, Respond)> = Vec::new();
+        let mut holding = self.hold_claim_lists > 1;
         while let Some((request, respond)) = handle.next_request().await {
             let is_claim_list = request.method() == Method::GET
                 && request.uri().path().ends_with("/persistentvolumeclaims");
-            if is_claim_list && self.hold_claim_lists > 0 && held.len() + 1 < self.hold_claim_lists
-            {
-                held.push((request, respond));
-                continue;
+            if is_claim_list && holding {
+                if held.len() + 1 < self.hold_claim_lists {
+                    held.push((request, respond));
+                    continue;
+                }
+                holding = false;
             }
             let me = self.clone();
             if is_claim_list && !held.is_empty() {
