@@ -121,6 +121,14 @@ fn every_example_reads_into_its_type() {
                     (doc.at.clone(), secret),
                 );
             }
+            // Apps annotated for injection (`warren-operator inject`
+            // checks them; `scripts/validate-manifests` validates them).
+            "Deployment" => {
+                read::<k8s_openapi::api::apps::v1::Deployment>(doc);
+            }
+            "StatefulSet" => {
+                read::<k8s_openapi::api::apps::v1::StatefulSet>(doc);
+            }
             other => panic!("{}: unexpected kind {other:?}", doc.at),
         }
     }
