@@ -47,8 +47,38 @@ pub async fn single(
     clients: usize,
     total: u64,
 ) -> anyhow::Result<HttpRun> {
-    let url = Arc::new(format!("{api}/v1/publish/amq.default/{queue}"));
-    let left = Arc::new(AtomicU64::new(total));
+    let url = format!("{api}/v1/publish/amq.default/{queue}");
+    let (latencies, elapsed) = post_all(
+        http,
+        url,
+        "application/octet-stream",
+        body,
+        clients,
+        total,
+        "publish",
+    )
+    .await?;
+    Ok(HttpRun {
+        messages: latencies.len() as u64,
+        elapsed,
+        latencies,
+    })
+}
+
+/// `requests` POSTs of `body` to `url`, from `clients` concurrent
+/// senders, each waiting for its answer (which must be 202) before the next
+/// request. Returns the sorted latencies and the wall time.
+async fn post_all(
+    http: &reqwest::Client,
+    url: String,
+    content_type: &'static str,
+    body: Bytes,
+    clients: usize,
+    requests: u64,
+    what: &'static str,
+) -> anyhow::Result<(Vec<Duration>, Duration)> {
+    let url = Arc::new(url);
+    let left = Arc::new(AtomicU64::new(requests));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..clients {
@@ -62,17 +92,20 @@ pub async fn single(
                 let t = Instant::now();
                 let resp = http
                     .post(url.as_str())
-                    .header("content-type", "application/octet-stream")
+                    .header("content-type", content_type)
                     .body(body.clone())
                     .send()
                     .await
-                    .context("publish request")?;
+                    .with_context(|| format!("{what} request"))?;
                 let status = resp.status();
-                let text = resp.bytes().await.context("publish answer")?;
+                let text = resp
+                    .bytes()
+                    .await
+                    .with_context(|| format!("{what} answer"))?;
                 if status.as_u16() != 202 {
                     bail!(
-                        "publish answered {status}: {}",
-                        String::from_utf8_lossy(&text)
+                        "{what} answered {status}: {}",
+                        String::from_utf8_lossy(&text[..text.len().min(300)])
                     );
                 }
                 lat.push(t.elapsed());
@@ -80,17 +113,13 @@ pub async fn single(
             anyhow::Ok(lat)
         }));
     }
-    let mut latencies = Vec::with_capacity(total as usize);
+    let mut latencies = Vec::with_capacity(requests as usize);
     for t in tasks {
         latencies.extend(t.await??);
     }
-    let finished = Instant::now();
+    let elapsed = start.elapsed();
     latencies.sort();
-    Ok(HttpRun {
-        messages: latencies.len() as u64,
-        elapsed: finished - start,
-        latencies,
-    })
+    Ok((latencies, elapsed))
 }
 
 /// The JSON body of a batch of `n` messages to `amq.default/<queue>`.
@@ -120,48 +149,20 @@ pub async fn batches(
     clients: usize,
     batches: u64,
 ) -> anyhow::Result<HttpRun> {
-    let url = Arc::new(format!("{api}/v1/batch"));
-    let left = Arc::new(AtomicU64::new(batches));
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let (http, url, left, body) = (http.clone(), url.clone(), left.clone(), body.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            while left
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-                .is_ok()
-            {
-                let t = Instant::now();
-                let resp = http
-                    .post(url.as_str())
-                    .header("content-type", "application/json")
-                    .body(body.clone())
-                    .send()
-                    .await
-                    .context("batch request")?;
-                let status = resp.status();
-                let text = resp.bytes().await.context("batch answer")?;
-                if status.as_u16() != 202 {
-                    bail!(
-                        "batch answered {status}: {}",
-                        String::from_utf8_lossy(&text[..text.len().min(300)])
-                    );
-                }
-                lat.push(t.elapsed());
-            }
-            anyhow::Ok(lat)
-        }));
-    }
-    let mut latencies = Vec::new();
-    for t in tasks {
-        latencies.extend(t.await??);
-    }
-    let finished = Instant::now();
-    latencies.sort();
+    let url = format!("{api}/v1/batch");
+    let (latencies, elapsed) = post_all(
+        http,
+        url,
+        "application/json",
+        body,
+        clients,
+        batches,
+        "batch",
+    )
+    .await?;
     Ok(HttpRun {
         messages: latencies.len() as u64 * per_batch,
-        elapsed: finished - start,
+        elapsed,
         latencies,
     })
 }
