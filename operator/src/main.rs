@@ -118,6 +118,10 @@ struct WebhookArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The workspace builds rustls with both ring and aws-lc-rs, so rustls
+    // cannot pick a process default by itself, and kube's client (which
+    // asks for the default) would panic at its first TLS connection.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
         Command::Run {
             admin_listen,
