@@ -7,6 +7,9 @@
 //! - [`RabbitNode`] (`node.rs`): a private RabbitMQ node per test, on its own
 //!   ports and data dir, that can be killed with SIGKILL, stopped gracefully,
 //!   restarted on the same data, frozen, and pushed into a memory alarm;
+//! - [`ControlPlane`] (`cluster.rs`): a private Kubernetes control plane
+//!   (etcd, kube-apiserver, kube-controller-manager built from source) with
+//!   an admin and ServiceAccount clients, kubectl and helm;
 //! - [`Proxy`] (`proxy.rs`): an in-process TCP proxy that cuts, resets,
 //!   stalls or refuses connections on demand;
 //! - [`SidecarProcess`] (`sidecar.rs`): the `warren-sidecar` binary as a
@@ -27,7 +30,9 @@
 
 pub mod account;
 pub mod app;
+pub mod cluster;
 pub mod node;
+pub mod operator;
 pub mod ports;
 pub mod proxy;
 pub mod scenario;
@@ -36,6 +41,7 @@ pub mod tls;
 
 pub use account::{Account, AccountReport};
 pub use app::{Reply, Seen, TestApp};
+pub use cluster::ControlPlane;
 pub use node::{NodeOptions, RabbitNode};
 pub use ports::{PortReservation, free_port, reserve_port};
 pub use proxy::Proxy;

@@ -1141,7 +1141,7 @@ fn wait_until(deadline: Instant, mut cond: impl FnMut() -> bool) -> anyhow::Resu
 }
 
 /// The last `n` lines of a file (reads at most its last 64 KiB).
-fn tail_lines(path: &Path, n: usize) -> String {
+pub(crate) fn tail_lines(path: &Path, n: usize) -> String {
     let Ok(mut f) = File::open(path) else {
         return "(missing)\n".to_string();
     };
