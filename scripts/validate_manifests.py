@@ -10,10 +10,12 @@
   schema (kubernetes-validate, strict). A kind neither knows is an error.
 - scripts/testdata/invalid-manifests/*.yaml: each must be rejected, with an
   error containing the text of its `# expect:` line; this proves the checks
-  above can fail.
+  above can fail. (The cluster tier, tests/tests/cluster.rs, also sends each
+  to a real API server, which must refuse it with its `# api-server:` line.)
 
 CEL rules (x-kubernetes-validations) are not evaluated here; the unit tests
-of the warren-crds crate evaluate them.
+of the warren-crds crate evaluate them, and the cluster tier sends
+scripts/testdata/invalid-manifests-api/ to the API server.
 
 Exits 1 on any failure, 2 when a needed package is missing.
 """

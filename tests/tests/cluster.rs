@@ -1,0 +1,743 @@
+//! The cluster tier: Warren's chart, CRDs, operator and webhook against a
+//! real control plane (etcd, kube-apiserver and kube-controller-manager
+//! built from source), driven with the real `helm` and `kubectl`, and a
+//! private RabbitMQ node.
+//!
+//! Each test starts its own control plane. There is no kubelet: pods are
+//! admitted, mutated, validated and stored, and stay Pending; where a test
+//! needs a pod to have finished, it sets the pod's status as a kubelet
+//! would, and says so.
+//!
+//! scripts/test runs this binary only where the control plane can be built
+//! (Go is installed), and says so when it skips it.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use warren_testkit::cluster::ControlPlane;
+use warren_testkit::operator::{
+    NAMESPACE, OperatorProcess, install_chart, repo_root, wait_for_ca_bundle,
+};
+use warren_testkit::{RabbitNode, init_tracing};
+
+/// Poll `f` every 500 ms until it returns `Some`, or panic after `timeout`
+/// with `what` and the last value seen.
+fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(last) if Instant::now() > deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last: {last}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}
+
+/// `kubectl ARGS -o json` as the admin, parsed.
+fn get_json(plane: &ControlPlane, args: &[&str]) -> Result<Value, String> {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    let out = plane.kubectl_ok(&all).map_err(|e| format!("{e:#}"))?;
+    serde_json::from_str(&out).map_err(|e| e.to_string())
+}
+
+fn start_plane() -> ControlPlane {
+    init_tracing();
+    tokio::task::block_in_place(ControlPlane::start).expect("control plane starts")
+}
+
+/// A Secret with the node's URI and the RetryPolicy + ReliableQueue
+/// manifests, in namespace `ns`.
+fn broker_secret(ns: &str, node: &RabbitNode) -> String {
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata:\n  name: broker\n  namespace: {ns}\n\
+         stringData:\n  uri: amqp://guest:guest@127.0.0.1:{port}/\n",
+        port = node.amqp_port()
+    )
+}
+
+fn reliable_queue(ns: &str, name: &str, node: &RabbitNode, extra: &str) -> String {
+    format!(
+        "apiVersion: warren.dev/v1alpha1\nkind: ReliableQueue\nmetadata:\n  name: {name}\n  namespace: {ns}\n\
+         spec:\n  broker:\n    secretName: broker\n    managementUrl: {mgmt}\n\
+         \x20 exchange:\n    name: {name}\n{extra}",
+        mgmt = node.management_url()
+    )
+}
+
+/// Names of the queues on the node's default vhost.
+async fn broker_queues(node: &RabbitNode) -> BTreeSet<String> {
+    let queues = node
+        .management_get("/api/queues/%2f?columns=name")
+        .await
+        .expect("management API lists queues");
+    queues
+        .as_array()
+        .expect("a list of queues")
+        .iter()
+        .filter_map(|q| q["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+fn broker_queues_blocking(node: &RabbitNode) -> BTreeSet<String> {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(broker_queues(node)))
+}
+
+fn wait_ready(plane: &ControlPlane, ns: &str, rq: &str, timeout: Duration) {
+    let t = format!("--timeout={}s", timeout.as_secs());
+    if let Err(e) = plane.kubectl_ok(&[
+        "wait",
+        "--for=condition=Ready",
+        &t,
+        "-n",
+        ns,
+        &format!("reliablequeue/{rq}"),
+    ]) {
+        let status = get_json(plane, &["get", "rq", rq, "-n", ns]);
+        panic!("ReliableQueue {ns}/{rq} not Ready: {e:#}\n{status:?}");
+    }
+}
+
+/// The fragment the API server's refusal must contain: the file's
+/// `# api-server: ...` line.
+fn expected_refusal(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("# api-server: "))
+        .unwrap_or_else(|| panic!("{} has no `# api-server:` line", path.display()))
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chart_installs_and_the_api_server_enforces_the_crds() {
+    let plane = start_plane();
+    install_chart(&plane, &[]).expect("helm install");
+
+    // What the chart installed.
+    let crds = get_json(&plane, &["get", "crd"]).unwrap();
+    let names: BTreeSet<&str> = crds["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["metadata"]["name"].as_str())
+        .collect();
+    assert!(names.contains("reliablequeues.warren.dev"), "{names:?}");
+    assert!(names.contains("retrypolicies.warren.dev"), "{names:?}");
+    for kind in [
+        "deployment/warren",
+        "service/warren-webhook",
+        "serviceaccount/warren",
+        "configmap/warren-injection",
+    ] {
+        plane
+            .kubectl_ok(&["get", "-n", NAMESPACE, kind])
+            .unwrap_or_else(|e| panic!("{kind}: {e:#}"));
+    }
+    plane
+        .kubectl_ok(&["get", "mutatingwebhookconfiguration", "warren"])
+        .expect("the webhook configuration");
+
+    // Every example is accepted as it is (the Deployment and StatefulSet
+    // too: their pods are what the webhook sees, not the workloads).
+    let examples = repo_root().join("examples");
+    let out = plane
+        .kubectl_ok(&["apply", "-f", examples.to_str().unwrap()])
+        .expect("kubectl apply -f examples/");
+    assert!(
+        out.contains("reliablequeue.warren.dev/orders created"),
+        "{out}"
+    );
+    assert!(out.contains("retrypolicy.warren.dev/"), "{out}");
+
+    // Every invalid manifest is refused by the API server, in its words.
+    let mut refused = 0;
+    for dir in ["invalid-manifests", "invalid-manifests-api"] {
+        let dir = repo_root().join("scripts/testdata").join(dir);
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .collect();
+        files.sort();
+        for path in files {
+            let expected = expected_refusal(&path);
+            let file = path.to_str().unwrap();
+            let err = match plane.kubectl_ok(&["apply", "--dry-run=server", "-f", file]) {
+                Ok(out) => panic!("{} was accepted: {out}", path.display()),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(
+                err.contains(&expected),
+                "{}: refusal does not say {expected:?}: {err}",
+                path.display()
+            );
+            refused += 1;
+        }
+    }
+    assert!(refused >= 16, "only {refused} invalid manifests were tried");
+
+    // The CEL rules for immutable fields hold on update.
+    let mut orders = get_json(&plane, &["get", "rq", "orders"]).unwrap();
+    let meta = orders["metadata"].as_object_mut().unwrap();
+    for server_side in [
+        "managedFields",
+        "resourceVersion",
+        "uid",
+        "creationTimestamp",
+        "generation",
+        "annotations",
+    ] {
+        meta.remove(server_side);
+    }
+    let mut changed = orders.clone();
+    changed["spec"]["queue"]["type"] = "classic".into();
+    let err = plane
+        .apply_yaml(&serde_json::to_string(&changed).unwrap())
+        .expect_err("queue.type changed on a live ReliableQueue");
+    assert!(
+        format!("{err:#}").contains("queue.type is immutable"),
+        "{err:#}"
+    );
+    let mut renamed = orders.clone();
+    renamed["spec"]["exchange"]["name"] = "shop2".into();
+    let err = plane
+        .apply_yaml(&serde_json::to_string(&renamed).unwrap())
+        .expect_err("exchange.name changed on a live ReliableQueue");
+    assert!(
+        format!("{err:#}").contains("exchange.name is immutable"),
+        "{err:#}"
+    );
+
+    // Printer columns, with values from the spec (status is the
+    // operator's; see the reconcile test).
+    let rp = plane.kubectl_ok(&["get", "rp"]).unwrap();
+    let header: Vec<&str> = rp.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["NAME", "MAX", "RETRIES", "STRATEGY", "TIERS", "AGE"],
+        "{rp}"
+    );
+    assert!(
+        rp.lines()
+            .any(|l| l.starts_with("orders-retry") && l.contains(" 8 ") && l.contains("ttlTiers")),
+        "{rp}"
+    );
+    let rq = plane.kubectl_ok(&["get", "rq"]).unwrap();
+    let header: Vec<&str> = rq.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "QUEUE",
+            "READY",
+            "MESSAGES",
+            "CONSUMERS",
+            "PARKED",
+            "AGE"
+        ],
+        "{rq}"
+    );
+    assert!(rq.lines().any(|l| l.starts_with("orders ")), "{rq}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operator_reconciles_with_the_charts_rbac() {
+    let plane = start_plane();
+    let installed = install_chart(&plane, &[]).expect("helm install");
+    let node = tokio::task::block_in_place(RabbitNode::start).expect("rabbitmq node");
+    let _op = OperatorProcess::start(&plane, "op-a", installed.webhook_port.port(), &[])
+        .await
+        .expect("warren-operator run");
+
+    let ns = "shop";
+    plane.apply_yaml(&broker_secret(ns, &node)).unwrap();
+    let policy = "apiVersion: warren.dev/v1alpha1\nkind: RetryPolicy\nmetadata:\n  name: standard\n  namespace: shop\n\
+                  spec:\n  maxRetries: 3\n  backoff:\n    initial: 1s\n    multiplier: 2\n    max: 1m\n";
+    plane.apply_yaml(policy).unwrap();
+    let retry = "  retryPolicyRef: standard\n";
+    plane
+        .apply_yaml(&reliable_queue(
+            ns,
+            "orders",
+            &node,
+            &format!("{retry}  deletionPolicy: Delete\n"),
+        ))
+        .unwrap();
+    plane
+        .apply_yaml(&reliable_queue(
+            ns,
+            "invoices",
+            &node,
+            &format!("{retry}  deletionPolicy: Retain\n"),
+        ))
+        .unwrap();
+    wait_ready(&plane, ns, "orders", Duration::from_secs(120));
+    wait_ready(&plane, ns, "invoices", Duration::from_secs(60));
+
+    // The broker objects exist.
+    let queues = broker_queues(&node).await;
+    for q in [
+        "orders",
+        "orders.parked",
+        "orders.retry.1s",
+        "orders.retry.2s",
+        "orders.retry.4s",
+        "invoices",
+        "invoices.parked",
+        "invoices.retry.1s",
+    ] {
+        assert!(queues.contains(q), "{q} missing on the broker: {queues:?}");
+    }
+    // kubectl shows the operator's status in the printer columns.
+    eventually(Duration::from_secs(60), "status columns of orders", || {
+        let out = plane
+            .kubectl_ok(&["get", "rq", "-n", ns])
+            .map_err(|e| format!("{e:#}"))?;
+        let line = out.lines().find(|l| l.starts_with("orders ")).unwrap_or("");
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() >= 6 && cols[..6] == ["orders", "orders", "True", "0", "0", "0"] {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    });
+
+    // A spec change reaches the live policy.
+    plane
+        .kubectl_ok(&[
+            "patch",
+            "rq",
+            "orders",
+            "-n",
+            ns,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"queue":{"maxLength":500}}}"#,
+        ])
+        .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "max-length 500 in the live policy",
+        || {
+            let policy = tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current()
+                    .block_on(node.management_get("/api/policies/%2f/warren.orders"))
+            })
+            .map_err(|e| format!("{e:#}"))?;
+            match policy["definition"]["max-length"].as_i64() {
+                Some(500) => Ok(()),
+                other => Err(format!("{other:?} in {policy}")),
+            }
+        },
+    );
+
+    // A RetryPolicy change reaches every queue that uses it.
+    plane
+        .kubectl_ok(&[
+            "patch",
+            "rp",
+            "standard",
+            "-n",
+            ns,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"backoff":{"initial":"3s"}}}"#,
+        ])
+        .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the new tiers on both queues",
+        || {
+            let queues = broker_queues_blocking(&node);
+            let want = [
+                "orders.retry.3s",
+                "orders.retry.6s",
+                "orders.retry.12s",
+                "invoices.retry.3s",
+                "invoices.retry.12s",
+            ];
+            let gone = ["orders.retry.1s", "invoices.retry.1s"];
+            if want.iter().all(|q| queues.contains(*q)) && gone.iter().all(|q| !queues.contains(*q))
+            {
+                Ok(())
+            } else {
+                Err(format!("{queues:?}"))
+            }
+        },
+    );
+
+    // deletionPolicy Delete: the broker objects and the resource go.
+    plane
+        .kubectl_ok(&["delete", "rq", "orders", "-n", ns, "--timeout=60s"])
+        .expect("the finalizer is released");
+    let queues = broker_queues(&node).await;
+    assert!(
+        !queues
+            .iter()
+            .any(|q| q == "orders" || q.starts_with("orders.")),
+        "orders' queues left on the broker: {queues:?}"
+    );
+    // deletionPolicy Retain: the resource goes, the broker objects stay.
+    plane
+        .kubectl_ok(&["delete", "rq", "invoices", "-n", ns, "--timeout=60s"])
+        .expect("the finalizer is released");
+    let queues = broker_queues(&node).await;
+    for q in ["invoices", "invoices.parked", "invoices.retry.3s"] {
+        assert!(queues.contains(q), "{q} was not retained: {queues:?}");
+    }
+    let left = plane
+        .kubectl_ok(&["get", "rq", "-n", ns, "-o", "name"])
+        .unwrap();
+    assert_eq!(left.trim(), "", "ReliableQueues left: {left}");
+}
+
+/// The claim name of a stored pod's outbox volume.
+fn claim_of(pod: &Value) -> Option<String> {
+    pod["spec"]["volumes"]
+        .as_array()?
+        .iter()
+        .find(|v| v["name"] == "warren-outbox")?["persistentVolumeClaim"]["claimName"]
+        .as_str()
+        .map(str::to_string)
+}
+
+fn pods(plane: &ControlPlane, ns: &str, selector: &str) -> Vec<Value> {
+    get_json(plane, &["get", "pods", "-n", ns, "-l", selector])
+        .map(|v| v["items"].as_array().cloned().unwrap_or_default())
+        .unwrap_or_default()
+}
+
+fn deployment(ns: &str, name: &str, replicas: u32, inject: bool) -> String {
+    let annotations = if inject {
+        "      annotations:\n        warren.dev/inject: enabled\n        warren.dev/queues: orders\n\
+         \x20       warren.dev/app-port: \"8080\"\n"
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\n  namespace: {ns}\n\
+         spec:\n  replicas: {replicas}\n  selector:\n    matchLabels: {{app: {name}}}\n\
+         \x20 template:\n    metadata:\n      labels: {{app: {name}}}\n{annotations}\
+         \x20   spec:\n      containers:\n        - name: app\n          image: registry.example.com/{name}:1\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn webhook_injects_pods_the_controllers_create() {
+    let plane = start_plane();
+    let installed = install_chart(&plane, &[]).expect("helm install");
+    let node = tokio::task::block_in_place(RabbitNode::start).expect("rabbitmq node");
+    let _op = OperatorProcess::start(&plane, "op-a", installed.webhook_port.port(), &[])
+        .await
+        .expect("warren-operator run");
+    wait_for_ca_bundle(&plane, Duration::from_secs(30)).unwrap();
+    let ns = "shop";
+    plane.apply_yaml(&broker_secret(ns, &node)).unwrap();
+    plane
+        .apply_yaml(&reliable_queue(ns, "orders", &node, ""))
+        .unwrap();
+    // The namespace's default ServiceAccount (pods need it) comes from the
+    // serviceaccount controller.
+    eventually(
+        Duration::from_secs(30),
+        "the default ServiceAccount",
+        || {
+            plane
+                .kubectl_ok(&["get", "sa", "default", "-n", ns])
+                .map_err(|e| format!("{e:#}"))
+        },
+    );
+
+    // A plain pod is untouched.
+    plane
+        .apply_yaml(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: plain\n  namespace: shop\n\
+             spec:\n  containers:\n    - name: app\n      image: registry.example.com/plain:1\n",
+        )
+        .expect("a plain pod is created");
+    let plain = get_json(&plane, &["get", "pod", "plain", "-n", ns]).unwrap();
+    assert!(plain["spec"]["initContainers"].is_null(), "{plain}");
+    assert_eq!(plain["spec"]["containers"].as_array().unwrap().len(), 1);
+    assert!(claim_of(&plain).is_none());
+
+    // A Deployment with the opt-in: the controllers make a ReplicaSet and
+    // pods, and the API server stores them with the sidecar.
+    plane.apply_yaml(&deployment(ns, "api", 3, true)).unwrap();
+    let stored = eventually(Duration::from_secs(60), "3 pods of api", || {
+        let p = pods(&plane, ns, "app=api");
+        if p.len() == 3 {
+            Ok(p)
+        } else {
+            Err(format!("{} pods", p.len()))
+        }
+    });
+    let mut claims = BTreeSet::new();
+    for pod in &stored {
+        let name = pod["metadata"]["name"].as_str().unwrap();
+        let init = pod["spec"]["initContainers"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name} has no init containers: {pod}"));
+        let sidecar = init
+            .iter()
+            .find(|c| c["name"] == "warren-sidecar")
+            .unwrap_or_else(|| panic!("{name} has no sidecar: {pod}"));
+        assert_eq!(
+            sidecar["restartPolicy"], "Always",
+            "native sidecar: {sidecar}"
+        );
+        let claim = claim_of(pod).unwrap_or_else(|| panic!("{name} has no outbox claim"));
+        assert_eq!(
+            pod["metadata"]["labels"]["warren.dev/outbox-claim"],
+            claim.as_str(),
+            "{name}'s claim label"
+        );
+        assert_eq!(pod["status"]["phase"], "Pending");
+        claims.insert(claim);
+    }
+    assert_eq!(
+        claims.len(),
+        3,
+        "three pods, three different claims: {claims:?}"
+    );
+    let pvcs = get_json(&plane, &["get", "pvc", "-n", ns]).unwrap();
+    let pvc_names: BTreeSet<String> = pvcs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(pvc_names, claims, "the claims exist");
+
+    // The claim of a deleted pod goes to the next pod. A claim handed out
+    // less than a minute ago counts as held (its pod may not be stored
+    // yet), so the hand-over is tried after that.
+    std::thread::sleep(warren_operator::pool::CLAIM_GRACE + Duration::from_secs(2));
+    plane
+        .kubectl_ok(&["scale", "deployment/api", "-n", ns, "--replicas=2"])
+        .unwrap();
+    let left = eventually(Duration::from_secs(30), "2 pods of api", || {
+        let p = pods(&plane, ns, "app=api");
+        if p.len() == 2 {
+            Ok(p)
+        } else {
+            Err(format!("{} pods", p.len()))
+        }
+    });
+    let held: BTreeSet<String> = left.iter().filter_map(claim_of).collect();
+    let freed: Vec<&String> = claims.difference(&held).collect();
+    assert_eq!(freed.len(), 1, "one claim freed: {freed:?}");
+    plane
+        .kubectl_ok(&["scale", "deployment/api", "-n", ns, "--replicas=3"])
+        .unwrap();
+    let now = eventually(Duration::from_secs(30), "3 pods of api again", || {
+        let p = pods(&plane, ns, "app=api");
+        if p.len() == 3 {
+            Ok(p)
+        } else {
+            Err(format!("{} pods", p.len()))
+        }
+    });
+    let now_claims: BTreeSet<String> = now.iter().filter_map(claim_of).collect();
+    assert_eq!(
+        now_claims, claims,
+        "the new pod took the freed claim {freed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_other_operator_takes_over_when_the_leader_is_killed() {
+    let plane = start_plane();
+    let installed = install_chart(&plane, &[]).expect("helm install");
+    let node = tokio::task::block_in_place(RabbitNode::start).expect("rabbitmq node");
+    let other_port = warren_testkit::reserve_port().unwrap();
+    let mut a = OperatorProcess::start(&plane, "op-a", installed.webhook_port.port(), &[])
+        .await
+        .expect("operator a");
+    let mut b = OperatorProcess::start(&plane, "op-b", other_port.port(), &[])
+        .await
+        .expect("operator b");
+    let holder = || {
+        plane
+            .kubectl_ok(&[
+                "get",
+                "lease",
+                "warren-operator",
+                "-n",
+                NAMESPACE,
+                "-o",
+                "jsonpath={.spec.holderIdentity}",
+            ])
+            .map_err(|e| format!("{e:#}"))
+    };
+    let first = eventually(Duration::from_secs(60), "a lease holder", || {
+        holder().and_then(|h| {
+            if h.is_empty() {
+                Err("none".into())
+            } else {
+                Ok(h)
+            }
+        })
+    });
+    let ns = "shop";
+    plane.apply_yaml(&broker_secret(ns, &node)).unwrap();
+    plane
+        .apply_yaml(&reliable_queue(ns, "first", &node, ""))
+        .unwrap();
+    wait_ready(&plane, ns, "first", Duration::from_secs(120));
+
+    let (leader, survivor) = if first == a.identity() {
+        (&mut a, "op-b")
+    } else {
+        assert_eq!(first, b.identity());
+        (&mut b, "op-a")
+    };
+    leader.kill9().unwrap();
+    let killed = Instant::now();
+    plane
+        .apply_yaml(&reliable_queue(ns, "second", &node, ""))
+        .unwrap();
+    wait_ready(&plane, ns, "second", Duration::from_secs(90));
+    let took = killed.elapsed();
+    // The lease lasts 15 s; the survivor must take it and reconcile within
+    // that plus a margin for a loaded machine.
+    assert!(took < Duration::from_secs(45), "took over after {took:?}");
+    assert_eq!(holder().unwrap(), survivor);
+    assert!(broker_queues(&node).await.contains("second"));
+    eprintln!("failover: the second ReliableQueue was Ready {took:?} after the leader's kill -9");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_claim_gets_a_drain_job_and_goes_when_drained() {
+    let plane = start_plane();
+    let installed = install_chart(
+        &plane,
+        &[
+            "sidecar.outbox.idleBeforeDrain=5s",
+            "operator.poolInterval=2s",
+        ],
+    )
+    .expect("helm install");
+    let node = tokio::task::block_in_place(RabbitNode::start).expect("rabbitmq node");
+    let _op = OperatorProcess::start(&plane, "op-a", installed.webhook_port.port(), &[])
+        .await
+        .expect("warren-operator run");
+    wait_for_ca_bundle(&plane, Duration::from_secs(30)).unwrap();
+    let ns = "shop";
+    plane.apply_yaml(&broker_secret(ns, &node)).unwrap();
+    plane
+        .apply_yaml(&reliable_queue(ns, "orders", &node, ""))
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the default ServiceAccount",
+        || {
+            plane
+                .kubectl_ok(&["get", "sa", "default", "-n", ns])
+                .map_err(|e| format!("{e:#}"))
+        },
+    );
+    plane
+        .apply_yaml(&deployment(ns, "ledger", 1, true))
+        .unwrap();
+    let pod = eventually(Duration::from_secs(60), "the ledger pod", || {
+        pods(&plane, ns, "app=ledger")
+            .into_iter()
+            .next()
+            .ok_or_else(|| "no pod".to_string())
+    });
+    let claim = claim_of(&pod).expect("the pod has a claim");
+    // The workload goes away; its claim may still hold messages.
+    plane
+        .kubectl_ok(&["scale", "deployment/ledger", "-n", ns, "--replicas=0"])
+        .unwrap();
+
+    let job = eventually(
+        Duration::from_secs(150),
+        "a drain Job for the claim",
+        || {
+            let jobs = get_json(
+                &plane,
+                &[
+                    "get",
+                    "jobs",
+                    "-n",
+                    ns,
+                    "-l",
+                    &format!("warren.dev/drain-claim={claim}"),
+                ],
+            )?;
+            jobs["items"]
+                .as_array()
+                .and_then(|j| j.first().cloned())
+                .ok_or_else(|| "no job".to_string())
+        },
+    );
+    let job_name = job["metadata"]["name"].as_str().unwrap().to_string();
+    let volumes = &job["spec"]["template"]["spec"]["volumes"];
+    assert!(
+        volumes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["persistentVolumeClaim"]["claimName"] == claim.as_str()),
+        "the Job mounts the claim: {volumes}"
+    );
+    let args = job["spec"]["template"]["spec"]["containers"][0].to_string();
+    assert!(args.contains("--drain"), "{args}");
+
+    // No kubelet runs the Job's pod: mark it Succeeded as a kubelet would
+    // after `warren-sidecar --drain` exited 0; the job controller then
+    // completes the Job.
+    let job_pod = eventually(Duration::from_secs(60), "the drain Job's pod", || {
+        pods(&plane, ns, &format!("job-name={job_name}"))
+            .into_iter()
+            .next()
+            .ok_or_else(|| "no pod".to_string())
+    });
+    let pod_name = job_pod["metadata"]["name"].as_str().unwrap();
+    let container = job_pod["spec"]["containers"][0]["name"].as_str().unwrap();
+    let status = serde_json::json!({"status": {
+        "phase": "Succeeded",
+        "containerStatuses": [{
+            "name": container, "image": job_pod["spec"]["containers"][0]["image"],
+            "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}
+        }]
+    }});
+    plane
+        .kubectl_ok(&[
+            "patch",
+            "pod",
+            pod_name,
+            "-n",
+            ns,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ])
+        .expect("pod status set");
+    eventually(Duration::from_secs(60), "the Job to complete", || {
+        let j = get_json(&plane, &["get", "job", &job_name, "-n", ns])?;
+        if j["status"]["succeeded"] == 1 {
+            Ok(())
+        } else {
+            Err(j["status"].to_string())
+        }
+    });
+    // Drained, and beyond the workload's replicas (0): the claim goes.
+    eventually(
+        Duration::from_secs(90),
+        "the drained claim to be deleted",
+        || match plane.kubectl_ok(&["get", "pvc", &claim, "-n", ns, "-o", "name"]) {
+            Err(e) if format!("{e:#}").contains("NotFound") => Ok(()),
+            Err(e) => Err(format!("{e:#}")),
+            Ok(out) => Err(format!("still there: {out}")),
+        },
+    );
+}
