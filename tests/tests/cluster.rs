@@ -741,3 +741,71 @@ async fn an_idle_claim_gets_a_drain_job_and_goes_when_drained() {
         },
     );
 }
+
+#[test]
+fn scripts_cluster_up_and_down() {
+    init_tracing();
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().join("cluster");
+    let script = repo_root().join("scripts/cluster");
+    let bin = warren_testkit::sidecar::workspace_bin("warren-testkit", "warren-cluster").unwrap();
+    let run = |verb: &str| {
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .arg(verb)
+            .env("WARREN_CLUSTER_DIR", &dir)
+            .env("WARREN_CLUSTER_BIN", &bin)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "scripts/cluster {verb}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (exports, _) = run("up");
+    let kubeconfig = exports
+        .lines()
+        .find_map(|l| l.strip_prefix("export KUBECONFIG="))
+        .unwrap_or_else(|| panic!("no KUBECONFIG export in {exports:?}"));
+    let tools = exports
+        .lines()
+        .find_map(|l| l.strip_prefix("export PATH="))
+        .and_then(|p| p.strip_suffix(":$PATH"))
+        .unwrap_or_else(|| panic!("no PATH export in {exports:?}"));
+    let pids: Vec<u32> = std::fs::read_to_string(dir.join("pids"))
+        .unwrap()
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(
+        pids.len(),
+        3,
+        "etcd, kube-apiserver, kube-controller-manager"
+    );
+    let readyz = std::process::Command::new(Path::new(tools).join("kubectl"))
+        .args(["get", "--raw", "/readyz"])
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&readyz.stdout);
+    let down = || run("down");
+    if answer.trim() != "ok" {
+        down();
+        panic!("/readyz answered {answer:?}");
+    }
+    let (_, stopped) = down();
+    for pid in &pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z ")),
+            "pid {pid} still runs after down: {stopped}"
+        );
+    }
+    assert!(!dir.exists(), "scripts/cluster down removes its directory");
+}
