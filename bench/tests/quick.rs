@@ -27,6 +27,9 @@ const FIGURES: &[&str] = &[
     "reconnect_ms",
     "outage_batch_accept_msgs_per_s",
     "sidecar_buffered_rss_mib",
+    "relay_e2e_msgs_per_s",
+    "relay_commit_to_broker_p50_ms",
+    "relay_commit_to_broker_p99_ms",
 ];
 
 #[test]

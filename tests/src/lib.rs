@@ -7,6 +7,9 @@
 //! - [`RabbitNode`] (`node.rs`): a private RabbitMQ node per test, on its own
 //!   ports and data dir, that can be killed with SIGKILL, stopped gracefully,
 //!   restarted on the same data, frozen, and pushed into a memory alarm;
+//! - [`PgCluster`] (`postgres.rs`): a private PostgreSQL cluster per test,
+//!   on its own port and data dir, that can be stopped, killed with SIGKILL
+//!   and started again on the same data (the relay's tests);
 //! - [`Proxy`] (`proxy.rs`): an in-process TCP proxy that cuts, resets,
 //!   stalls or refuses connections on demand;
 //! - [`SidecarProcess`] (`sidecar.rs`): the `warren-sidecar` binary as a
@@ -29,6 +32,7 @@ pub mod account;
 pub mod app;
 pub mod node;
 pub mod ports;
+pub mod postgres;
 pub mod proxy;
 pub mod scenario;
 pub mod sidecar;
@@ -37,6 +41,7 @@ pub mod tls;
 pub use account::{Account, AccountReport};
 pub use app::{Reply, Seen, TestApp};
 pub use node::{NodeOptions, RabbitNode};
+pub use postgres::PgCluster;
 pub use ports::{PortReservation, free_port, reserve_port};
 pub use proxy::Proxy;
 pub use sidecar::{SidecarOptions, SidecarProcess, sidecar_bin};
