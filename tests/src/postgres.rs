@@ -386,6 +386,10 @@ mod tests {
             .await
             .err()
             .expect("a wrong password is refused");
-        assert!(bad.to_string().contains("password"), "{bad}");
+        let msg = bad.as_db_error().map(|e| e.message().to_owned());
+        assert!(
+            msg.as_deref().is_some_and(|m| m.contains("password")),
+            "{bad:?}"
+        );
     }
 }
