@@ -66,7 +66,9 @@ pub async fn measure(
     };
     // Warm-up: connection, statements, the forwarder's channel.
     db.execute(&insert(1000), &[&body]).await?;
-    counter.wait_for(queue, 1000, Duration::from_secs(60)).await?;
+    counter
+        .wait_for(queue, 1000, Duration::from_secs(60))
+        .await?;
     node.purge(queue).await?;
 
     let start = Instant::now();

@@ -215,7 +215,12 @@ pub struct Config {
     pub relay_batch: u32,
 
     /// How the relay learns of new rows.
-    #[arg(long, env = "WARREN_RELAY_WAKEUP", value_enum, default_value = "listen")]
+    #[arg(
+        long,
+        env = "WARREN_RELAY_WAKEUP",
+        value_enum,
+        default_value = "listen"
+    )]
     pub relay_wakeup: crate::relay::Wakeup,
 
     /// The NOTIFY channel the table's trigger signals.

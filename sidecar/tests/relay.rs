@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{EXCHANGE, KEY, QUEUE, consume_all, declare_topology, on_node, start_node, wait_until};
+use common::{
+    EXCHANGE, KEY, QUEUE, consume_all, declare_topology, on_node, start_node, wait_until,
+};
 use tokio::task::JoinHandle;
 use warren_sidecar::Running;
 use warren_testkit::{Account, PgCluster, RabbitNode, SidecarOptions, SidecarProcess};
@@ -33,7 +35,9 @@ async fn start_pg() -> PgCluster {
         .unwrap();
     let c = pg.client().await.unwrap();
     c.batch_execute(DDL).await.expect("shipped DDL applies");
-    c.batch_execute(DDL).await.expect("shipped DDL is idempotent");
+    c.batch_execute(DDL)
+        .await
+        .expect("shipped DDL is idempotent");
     c.batch_execute(BUSINESS).await.unwrap();
     pg
 }
@@ -110,7 +114,15 @@ struct Writers {
 }
 
 impl Writers {
-    fn start(url: &str, account: &Account, prefix: &str, writers: usize, per_writer: usize, rollback_every: usize, pace: Duration) -> Writers {
+    fn start(
+        url: &str,
+        account: &Account,
+        prefix: &str,
+        writers: usize,
+        per_writer: usize,
+        rollback_every: usize,
+        pace: Duration,
+    ) -> Writers {
         let stop = Arc::new(AtomicBool::new(false));
         let committed = Arc::new(AtomicU64::new(0));
         let ambiguous = Arc::new(AtomicU64::new(0));
@@ -118,8 +130,12 @@ impl Writers {
         let tasks = (0..writers)
             .map(|w| {
                 let (url, account, prefix) = (url.to_owned(), account.clone(), prefix.to_owned());
-                let (stop, committed, ambiguous, rolled_back) =
-                    (stop.clone(), committed.clone(), ambiguous.clone(), rolled_back.clone());
+                let (stop, committed, ambiguous, rolled_back) = (
+                    stop.clone(),
+                    committed.clone(),
+                    ambiguous.clone(),
+                    rolled_back.clone(),
+                );
                 tokio::spawn(async move {
                     let mut client: Option<tokio_postgres::Client> = None;
                     let mut i = 0;
@@ -138,7 +154,8 @@ impl Writers {
                         }
                         let c = client.as_mut().expect("connected above");
                         let id = format!("{prefix}-{w}-{i}");
-                        let rollback = rollback_every > 0 && i % rollback_every == rollback_every - 1;
+                        let rollback =
+                            rollback_every > 0 && i % rollback_every == rollback_every - 1;
                         let Ok(tx) = c.transaction().await else {
                             client = None;
                             continue;
@@ -191,9 +208,21 @@ impl Writers {
 }
 
 /// Checks that no rolled-back id arrived.
-fn assert_no_rolled_back(account: &Account, rolled_back: &HashSet<String>, received: &[(String, Vec<u8>)]) {
-    let leaked: Vec<&String> = received.iter().map(|(id, _)| id).filter(|id| rolled_back.contains(*id)).collect();
-    assert!(leaked.is_empty(), "rows of rolled-back transactions arrived: {leaked:?} ({})", account.report());
+fn assert_no_rolled_back(
+    account: &Account,
+    rolled_back: &HashSet<String>,
+    received: &[(String, Vec<u8>)],
+) {
+    let leaked: Vec<&String> = received
+        .iter()
+        .map(|(id, _)| id)
+        .filter(|id| rolled_back.contains(*id))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "rows of rolled-back transactions arrived: {leaked:?} ({})",
+        account.report()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -209,7 +238,10 @@ async fn committed_rows_arrive_and_rolled_back_rows_never_do() {
         .await;
     let received = consume_all(&node.amqp_url(), QUEUE, &account, Duration::from_secs(60)).await;
     let report = account.report();
-    println!("committed+rolled back: {report}, rolled back {}", writers.rolled_back.lock().unwrap().len());
+    println!(
+        "committed+rolled back: {report}, rolled back {}",
+        writers.rolled_back.lock().unwrap().len()
+    );
     account.assert_no_loss();
     assert_eq!(report.acked, 400);
     assert_eq!(report.unexpected, 0, "{report}");
@@ -219,7 +251,11 @@ async fn committed_rows_arrive_and_rolled_back_rows_never_do() {
         count(&c, "warren_outbox").await == 0
     })
     .await;
-    assert_eq!(count(&c, "orders").await, 400, "business rows commit with their messages");
+    assert_eq!(
+        count(&c, "orders").await,
+        400,
+        "business rows commit with their messages"
+    );
     let r = relay_report(sidecar.api_addr).await;
     assert_eq!(r["enabled"], true);
     assert_eq!(r["state"], "connected");
@@ -233,7 +269,10 @@ async fn committed_rows_arrive_and_rolled_back_rows_never_do() {
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains("warren_sidecar_relay_relayed_total"), "{metrics}");
+    assert!(
+        metrics.contains("warren_sidecar_relay_relayed_total"),
+        "{metrics}"
+    );
     assert!(metrics.contains("warren_sidecar_relay_oldest_row_age_seconds"));
     sidecar.shutdown();
     sidecar.wait().await.unwrap();
@@ -258,12 +297,16 @@ async fn rows_of_transactions_that_commit_out_of_id_order_are_relayed() {
     t2.commit().await.unwrap();
     account.record_acked("late");
     let c = pg.client().await.unwrap();
-    wait_until(Duration::from_secs(10), "the later id to be relayed", || async {
-        c.query_opt("SELECT 1 FROM warren_outbox WHERE message_id = 'late'", &[])
-            .await
-            .unwrap()
-            .is_none()
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "the later id to be relayed",
+        || async {
+            c.query_opt("SELECT 1 FROM warren_outbox WHERE message_id = 'late'", &[])
+                .await
+                .unwrap()
+                .is_none()
+        },
+    )
     .await;
     // More committed rows with higher ids go past meanwhile.
     for i in 0..20 {
@@ -279,7 +322,10 @@ async fn rows_of_transactions_that_commit_out_of_id_order_are_relayed() {
     println!("out-of-order commits: {}", account.report());
     account.assert_no_loss();
     let pos = |id: &str| received.iter().position(|(r, _)| r == id).unwrap();
-    assert!(pos("late") < pos("early"), "the row committed first left first");
+    assert!(
+        pos("late") < pos("early"),
+        "the row committed first left first"
+    );
     assert_eq!(count(&c, "warren_outbox").await, 0);
     sidecar.shutdown();
     sidecar.wait().await.unwrap();
@@ -335,8 +381,14 @@ async fn poison_rows_go_to_the_dead_letter_table_and_the_rows_behind_flow() {
     println!("dead-lettered: {dead:?}");
     assert_eq!(dead.len(), 3, "{dead:?}");
     assert!(dead["bad-json"].contains("invalid JSON"), "{dead:?}");
-    assert!(dead["bad-exchange"].contains("exchange is 300 bytes"), "{dead:?}");
-    assert!(dead["bad-header-value"].contains("values must be strings"), "{dead:?}");
+    assert!(
+        dead["bad-exchange"].contains("exchange is 300 bytes"),
+        "{dead:?}"
+    );
+    assert!(
+        dead["bad-header-value"].contains("values must be strings"),
+        "{dead:?}"
+    );
     assert_eq!(count(&c, "warren_outbox").await, 0);
     let r = relay_report(sidecar.api_addr).await;
     assert_eq!(r["dead_lettered"], 3, "{r}");
@@ -367,9 +419,15 @@ async fn three_relays_share_one_table_without_sending_a_row_twice() {
     println!("three relays: {report}; rows relayed per relay: {shares:?}");
     account.assert_no_loss();
     assert_eq!(report.acked, 1800);
-    assert_eq!(report.duplicated, 0, "no row sent twice while nothing failed: {report}");
+    assert_eq!(
+        report.duplicated, 0,
+        "no row sent twice while nothing failed: {report}"
+    );
     assert_eq!(shares.iter().sum::<u64>(), 1800);
-    assert!(shares.iter().filter(|&&s| s > 0).count() >= 2, "the work is shared: {shares:?}");
+    assert!(
+        shares.iter().filter(|&&s| s > 0).count() >= 2,
+        "the work is shared: {shares:?}"
+    );
     for r in relays {
         r.shutdown();
         r.wait().await.unwrap();
@@ -382,14 +440,28 @@ async fn database_outages_and_wrong_credentials_are_reported_and_retried() {
     let (node, pg) = tokio::join!(start_node(), start_pg());
     declare_topology(&node).await;
     let dir = tempfile::tempdir().unwrap();
-    let sidecar = relay_sidecar(&node.amqp_url(), dir.path(), &pg.url_with_password("wrong"), None).await;
-    wait_until(Duration::from_secs(15), "an authentication error", || async {
-        relay_report(sidecar.api_addr).await["last_error_kind"] == "auth"
-    })
+    let sidecar = relay_sidecar(
+        &node.amqp_url(),
+        dir.path(),
+        &pg.url_with_password("wrong"),
+        None,
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(15),
+        "an authentication error",
+        || async { relay_report(sidecar.api_addr).await["last_error_kind"] == "auth" },
+    )
     .await;
     let r = relay_report(sidecar.api_addr).await;
-    assert!(!r.to_string().contains("wrong"), "no credentials in the report: {r}");
-    assert!(r["last_error"].as_str().unwrap().contains("password"), "{r}");
+    assert!(
+        !r.to_string().contains("wrong"),
+        "no credentials in the report: {r}"
+    );
+    assert!(
+        r["last_error"].as_str().unwrap().contains("password"),
+        "{r}"
+    );
     // The sidecar itself keeps serving.
     let ready = common::client()
         .get(format!("http://{}/readyz", sidecar.admin_addr))
@@ -429,13 +501,21 @@ async fn database_outages_and_wrong_credentials_are_reported_and_retried() {
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains("warren_sidecar_relay_errors_total{kind=\"connect\"}"), "{metrics}");
+    assert!(
+        metrics.contains("warren_sidecar_relay_errors_total{kind=\"connect\"}"),
+        "{metrics}"
+    );
     sidecar.shutdown();
     sidecar.wait().await.unwrap();
 }
 
 /// Starts a relaying sidecar process (so it can be killed with SIGKILL).
-async fn relay_process(node: &RabbitNode, dir: &Path, pg: &PgCluster, extra: &[&str]) -> SidecarProcess {
+async fn relay_process(
+    node: &RabbitNode,
+    dir: &Path,
+    pg: &PgCluster,
+    extra: &[&str],
+) -> SidecarProcess {
     let mut opts = SidecarOptions::new(node.amqp_url(), dir)
         .arg(format!("--relay-postgres={}", pg.url()))
         .arg("--relay-poll-interval=500ms")
@@ -457,7 +537,15 @@ async fn no_committed_row_is_lost_when_postgres_the_broker_and_the_sidecar_crash
     let mut a = relay_process(&node, dirs[0].path(), &pg, &[]).await;
     let mut b = relay_process(&node, dirs[1].path(), &pg, &[]).await;
     let account = Account::new();
-    let writers = Writers::start(&pg.url(), &account, "fault", 4, 100_000, 4, Duration::from_millis(2));
+    let writers = Writers::start(
+        &pg.url(),
+        &account,
+        "fault",
+        4,
+        100_000,
+        4,
+        Duration::from_millis(2),
+    );
     let settle = Duration::from_millis(1500);
     tokio::time::sleep(settle).await;
 
@@ -504,7 +592,10 @@ async fn no_committed_row_is_lost_when_postgres_the_broker_and_the_sidecar_crash
     );
     account.assert_no_loss();
     assert!(report.acked > 500, "writers made progress: {report}");
-    assert!(report.unexpected <= writers.ambiguous.load(Ordering::Relaxed), "{report}");
+    assert!(
+        report.unexpected <= writers.ambiguous.load(Ordering::Relaxed),
+        "{report}"
+    );
     assert_no_rolled_back(&account, &writers.rolled_back.lock().unwrap(), &received);
     let c = pg.client().await.unwrap();
     assert_eq!(count(&c, "warren_outbox").await, 0);
@@ -519,16 +610,33 @@ async fn rows_of_one_key_arrive_in_commit_order_across_relays_and_restarts() {
     let (node, pg) = tokio::join!(start_node(), start_pg());
     declare_topology(&node).await;
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = relay_sidecar(&node.amqp_url(), dirs[0].path(), &pg.url(), Some("aggregate_id")).await;
-    let mut b = Some(relay_sidecar(&node.amqp_url(), dirs[1].path(), &pg.url(), Some("aggregate_id")).await);
+    let a = relay_sidecar(
+        &node.amqp_url(),
+        dirs[0].path(),
+        &pg.url(),
+        Some("aggregate_id"),
+    )
+    .await;
+    let mut b = Some(
+        relay_sidecar(
+            &node.amqp_url(),
+            dirs[1].path(),
+            &pg.url(),
+            Some("aggregate_id"),
+        )
+        .await,
+    );
     let account = Account::new();
     const KEYS: usize = 6;
     const EVENTS: i64 = 60;
     let c = pg.client().await.unwrap();
     for k in 0..KEYS {
-        c.execute("INSERT INTO aggregates (id) VALUES ($1)", &[&format!("agg-{k}")])
-            .await
-            .unwrap();
+        c.execute(
+            "INSERT INTO aggregates (id) VALUES ($1)",
+            &[&format!("agg-{k}")],
+        )
+        .await
+        .unwrap();
     }
     // Two writers per key; each event is written under the aggregate's row
     // lock, so one key's events commit one after another and their ids and
@@ -563,7 +671,15 @@ async fn rows_of_one_key_arrive_in_commit_order_across_relays_and_restarts() {
     stopped.shutdown();
     stopped.wait().await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    b = Some(relay_sidecar(&node.amqp_url(), dirs[1].path(), &pg.url(), Some("aggregate_id")).await);
+    b = Some(
+        relay_sidecar(
+            &node.amqp_url(),
+            dirs[1].path(),
+            &pg.url(),
+            Some("aggregate_id"),
+        )
+        .await,
+    );
     for t in tasks {
         t.await.unwrap();
     }
@@ -580,13 +696,18 @@ async fn rows_of_one_key_arrive_in_commit_order_across_relays_and_restarts() {
             continue; // a duplicate after a restart
         }
         let (agg, version) = id.rsplit_once('-').unwrap();
-        per_key.entry(agg.to_owned()).or_default().push(version.parse().unwrap());
+        per_key
+            .entry(agg.to_owned())
+            .or_default()
+            .push(version.parse().unwrap());
     }
     for (agg, versions) in &per_key {
         let want: Vec<i64> = (1..=EVENTS).collect();
         assert_eq!(versions, &want, "{agg} arrived out of commit order");
     }
-    let relayed_by_b = relay_report(b.as_ref().unwrap().api_addr).await["relayed"].as_u64().unwrap();
+    let relayed_by_b = relay_report(b.as_ref().unwrap().api_addr).await["relayed"]
+        .as_u64()
+        .unwrap();
     println!("ordered by key: relayed by the restarted relay {relayed_by_b}");
     let started = Instant::now();
     a.shutdown();

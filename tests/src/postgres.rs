@@ -247,16 +247,26 @@ impl PgCluster {
         self.child = Some(child);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 self.child = None;
-                bail!("postgres exited during start ({status})\n{}", self.log_tail());
+                bail!(
+                    "postgres exited during start ({status})\n{}",
+                    self.log_tail()
+                );
             }
             if count_ready(&log_path) > before && accepts(self.port()) {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 self.kill_process();
-                bail!("postgres not ready after {START_TIMEOUT:?}\n{}", self.log_tail());
+                bail!(
+                    "postgres not ready after {START_TIMEOUT:?}\n{}",
+                    self.log_tail()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -154,7 +154,10 @@ impl RelayError {
     fn from_pg(e: tokio_postgres::Error, connecting: bool) -> Self {
         let text = pg_text(&e);
         match e.code() {
-            Some(c) if *c == SqlState::INVALID_PASSWORD || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
+            Some(c)
+                if *c == SqlState::INVALID_PASSWORD
+                    || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
+            {
                 RelayError::Auth(text)
             }
             // The server going away mid-session: shutdown, crash recovery,
@@ -427,11 +430,13 @@ impl Relay {
     }
 
     async fn connect(&self) -> Result<Connected, RelayError> {
-        let mut config: tokio_postgres::Config = self
-            .settings
-            .url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| RelayError::Query(format!("invalid --relay-postgres: {}", pg_text(&e))))?;
+        let mut config: tokio_postgres::Config =
+            self.settings
+                .url
+                .parse()
+                .map_err(|e: tokio_postgres::Error| {
+                    RelayError::Query(format!("invalid --relay-postgres: {}", pg_text(&e)))
+                })?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
@@ -468,10 +473,7 @@ impl Relay {
             });
         }
         if self.settings.wakeup == Wakeup::Listen {
-            let listen = format!(
-                "LISTEN \"{}\"",
-                self.settings.channel.replace('"', "\"\"")
-            );
+            let listen = format!("LISTEN \"{}\"", self.settings.channel.replace('"', "\"\""));
             client
                 .batch_execute(&listen)
                 .await
@@ -490,7 +492,9 @@ impl Relay {
             .query_opt(&self.settings.statements.backlog, &[])
             .await
             .map_err(|e| RelayError::from_pg(e, false))?;
-        let age = row.and_then(|r| r.get::<_, Option<f64>>(0)).map(|a| a.max(0.0));
+        let age = row
+            .and_then(|r| r.get::<_, Option<f64>>(0))
+            .map(|a| a.max(0.0));
         self.metrics.relay_oldest_row_age.set(age.unwrap_or(0.0));
         self.status
             .update(|s| s.oldest_row_age_ms = age.map(|a| (a * 1000.0) as u64));
@@ -574,9 +578,7 @@ impl Relay {
             }
         });
         tracing::debug!(relayed, dead, "relay round committed");
-        Ok(Round {
-            claimed: ids.len(),
-        })
+        Ok(Round { claimed: ids.len() })
     }
 
     /// Waits until every appended entry has left the local outbox (broker

@@ -77,8 +77,8 @@ fn short(what: &'static str, v: &str) -> Result<(), RowError> {
 /// Parses the `headers` column: a JSON object whose values are strings,
 /// numbers or booleans (AMQP headers carry them as strings), or JSON null.
 pub fn parse_headers(text: &str) -> Result<Vec<(String, String)>, RowError> {
-    let value: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| RowError::Headers(format!("invalid JSON: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| RowError::Headers(format!("invalid JSON: {e}")))?;
     let map = match value {
         serde_json::Value::Null => return Ok(Vec::new()),
         serde_json::Value::Object(map) => map,

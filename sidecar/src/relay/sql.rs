@@ -132,7 +132,10 @@ mod tests {
 
     #[test]
     fn names_are_quoted_literally() {
-        assert_eq!(quote_name("t", "warren_outbox").unwrap(), "\"warren_outbox\"");
+        assert_eq!(
+            quote_name("t", "warren_outbox").unwrap(),
+            "\"warren_outbox\""
+        );
         assert_eq!(quote_name("t", "app.Outbox").unwrap(), "\"app\".\"Outbox\"");
         assert_eq!(
             quote_name("t", "x\"; drop table y; --").unwrap(),
@@ -142,8 +145,14 @@ mod tests {
             quote_name("t", "a.b.c"),
             Err(NameError::TooManyParts { .. })
         ));
-        assert!(matches!(quote_name("t", "a."), Err(NameError::Empty { .. })));
-        assert!(matches!(quote_column("c", ""), Err(NameError::Empty { .. })));
+        assert!(matches!(
+            quote_name("t", "a."),
+            Err(NameError::Empty { .. })
+        ));
+        assert!(matches!(
+            quote_column("c", ""),
+            Err(NameError::Empty { .. })
+        ));
     }
 
     #[test]
@@ -152,7 +161,10 @@ mod tests {
         assert!(s.claim.contains("FOR UPDATE OF o SKIP LOCKED"));
         assert!(!s.claim.contains('>'), "no id cursor: {}", s.claim);
         let s = Statements::new("\"t\"", "\"t_dead\"", Some("\"agg\""));
-        assert!(s.claim.contains("i.\"agg\" IS NOT DISTINCT FROM o.\"agg\" AND i.id < o.id"));
+        assert!(
+            s.claim
+                .contains("i.\"agg\" IS NOT DISTINCT FROM o.\"agg\" AND i.id < o.id")
+        );
         assert!(s.dead_letter.starts_with("INSERT INTO \"t_dead\""));
     }
 }
