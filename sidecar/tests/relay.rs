@@ -473,9 +473,15 @@ async fn database_outages_and_wrong_credentials_are_reported_and_retried() {
     sidecar.wait().await.unwrap();
 
     // With the right password, a stopped database is a connect error,
-    // retried until it is back.
+    // retried until it is back. The URL lists a dead address first, as a
+    // failover list does: the relay goes on to the next host.
     let dir = tempfile::tempdir().unwrap();
-    let sidecar = relay_sidecar(&node.amqp_url(), dir.path(), &pg.url(), None).await;
+    let dead = warren_testkit::free_port();
+    let url = format!(
+        "postgres://postgres:postgres@127.0.0.1:{dead},127.0.0.1:{}/postgres",
+        pg.port()
+    );
+    let sidecar = relay_sidecar(&node.amqp_url(), dir.path(), &url, None).await;
     wait_until(Duration::from_secs(15), "the relay to connect", || async {
         relay_report(sidecar.api_addr).await["state"] == "connected"
     })
