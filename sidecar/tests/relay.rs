@@ -611,11 +611,11 @@ async fn no_committed_row_is_lost_when_postgres_the_broker_and_the_sidecar_crash
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn rows_of_one_key_arrive_in_commit_order_across_relays_and_restarts() {
+async fn rows_of_one_key_arrive_in_commit_order_across_relays_restarts_and_kills() {
     warren_testkit::init_tracing();
     let (node, pg) = tokio::join!(start_node(), start_pg());
     declare_topology(&node).await;
-    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let a = relay_sidecar(
         &node.amqp_url(),
         dirs[0].path(),
@@ -632,6 +632,14 @@ async fn rows_of_one_key_arrive_in_commit_order_across_relays_and_restarts() {
         )
         .await,
     );
+    // A third relay runs as a process, to be killed with SIGKILL mid-flow.
+    let mut killed = relay_process(
+        &node,
+        dirs[2].path(),
+        &pg,
+        &["--relay-order-by=aggregate_id"],
+    )
+    .await;
     let account = Account::new();
     const KEYS: usize = 6;
     const EVENTS: i64 = 60;
@@ -686,6 +694,12 @@ async fn rows_of_one_key_arrive_in_commit_order_across_relays_and_restarts() {
         )
         .await,
     );
+    killed.kill9();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    killed
+        .restart()
+        .await
+        .expect("the killed relay restarts on its outbox");
     for t in tasks {
         t.await.unwrap();
     }
@@ -715,6 +729,7 @@ async fn rows_of_one_key_arrive_in_commit_order_across_relays_and_restarts() {
         .as_u64()
         .unwrap();
     println!("ordered by key: relayed by the restarted relay {relayed_by_b}");
+    killed.terminate(Duration::from_secs(20)).await.unwrap();
     let started = Instant::now();
     a.shutdown();
     a.wait().await.unwrap();
