@@ -232,6 +232,11 @@ pub struct Config {
     #[arg(long, env = "WARREN_RELAY_POLL_INTERVAL", value_parser = duration, default_value = "1s")]
     pub relay_poll_interval: Duration,
 
+    /// PEM file of CA certificates trusted for TLS to the relay's database
+    /// (default: the system's roots). TLS follows the URL's `sslmode`.
+    #[arg(long, env = "WARREN_RELAY_TLS_CA_FILE")]
+    pub relay_tls_ca_file: Option<PathBuf>,
+
     /// The consumer configuration itself, for embedding (takes precedence
     /// over `--config-json` and `--config`).
     #[arg(skip)]
@@ -310,6 +315,12 @@ impl Config {
             reconnect_initial: self.reconnect_initial,
             reconnect_max: self.reconnect_max,
             max_message_bytes: self.max_message_bytes,
+            tls_ca_pem: match &self.relay_tls_ca_file {
+                Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                    anyhow::anyhow!("cannot read --relay-tls-ca-file {}: {e}", path.display())
+                })?),
+                None => None,
+            },
             ..settings
         }))
     }

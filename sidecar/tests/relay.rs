@@ -18,7 +18,7 @@ use common::{
 };
 use tokio::task::JoinHandle;
 use warren_sidecar::Running;
-use warren_testkit::{Account, PgCluster, RabbitNode, SidecarOptions, SidecarProcess};
+use warren_testkit::{Account, PgCluster, RabbitNode, SidecarOptions, SidecarProcess, TestCa};
 
 /// The DDL the project ships.
 const DDL: &str = include_str!("../sql/warren_outbox.sql");
@@ -737,4 +737,67 @@ async fn rows_of_one_key_arrive_in_commit_order_across_relays_restarts_and_kills
     b.shutdown();
     b.wait().await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rows_are_relayed_over_verified_tls() {
+    warren_testkit::init_tracing();
+    let ca = TestCa::generate().unwrap();
+    // A second CA, which did not sign the server's certificate.
+    let server_ca = TestCa::generate().unwrap();
+    let pg = tokio::task::block_in_place(|| PgCluster::start_with_tls(&ca))
+        .expect("start PostgreSQL with TLS");
+    let node = start_node().await;
+    declare_topology(&node).await;
+    let c = pg.client().await.unwrap();
+    c.batch_execute(DDL).await.unwrap();
+    c.batch_execute(BUSINESS).await.unwrap();
+    let url = format!("{}?sslmode=require", pg.url());
+
+    // A CA that did not sign the server's certificate: refused, reported.
+    let wrong = tempfile::tempdir().unwrap();
+    let mut cfg = common::test_config(&node.amqp_url(), wrong.path());
+    cfg.relay_postgres = Some(url.clone());
+    cfg.relay_tls_ca_file = Some(server_ca.ca_cert_path());
+    let refused = warren_sidecar::start(cfg).await.unwrap();
+    wait_until(
+        Duration::from_secs(15),
+        "a TLS verification error",
+        || async {
+            let r = relay_report(refused.api_addr).await;
+            r["last_error_kind"] == "connect"
+                && r["last_error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("certificate")
+        },
+    )
+    .await;
+    refused.shutdown();
+    refused.wait().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::test_config(&node.amqp_url(), dir.path());
+    cfg.relay_postgres = Some(url);
+    cfg.relay_tls_ca_file = Some(ca.ca_cert_path());
+    let sidecar = warren_sidecar::start(cfg).await.unwrap();
+    let account = Account::new();
+    Writers::start(&pg.url(), &account, "tls", 2, 25, 0, Duration::ZERO)
+        .finish()
+        .await;
+    let _ = consume_all(&node.amqp_url(), QUEUE, &account, Duration::from_secs(30)).await;
+    println!("over TLS: {}", account.report());
+    account.assert_no_loss();
+    let ssl: bool = c
+        .query_one(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'warren-sidecar relay'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl, "the relay's session is encrypted");
+    sidecar.shutdown();
+    sidecar.wait().await.unwrap();
 }

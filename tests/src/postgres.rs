@@ -12,7 +12,9 @@
 //! - PostgreSQL refuses to run as root, so `initdb` and the server run as
 //!   `nobody` (or `WARREN_PG_USER`'s uid) when the tests run as root;
 //! - user `postgres` with password `postgres` over TCP (scram-sha-256), so
-//!   tests can also present a wrong password.
+//!   tests can also present a wrong password;
+//! - optionally TLS ([`PgCluster::start_with_tls`]) with a [`crate::TestCa`]
+//!   server certificate.
 //!
 //! Like [`crate::RabbitNode`], lifecycle calls block, the server runs in its
 //! own process group (a `kill -9` takes the backends too) and is spawned
@@ -60,6 +62,8 @@ pub struct PgCluster {
     /// The postmaster while it runs. `Some` means its pid (= process group)
     /// is still ours to signal.
     child: Option<Child>,
+    /// Serve TLS with the certificate and key copied into the data dir.
+    tls: bool,
 }
 
 impl std::fmt::Debug for PgCluster {
@@ -125,6 +129,16 @@ impl PgCluster {
     /// Creates a cluster with `initdb` and starts it; blocks until it
     /// accepts connections (a few seconds).
     pub fn start() -> anyhow::Result<PgCluster> {
+        PgCluster::start_inner(None)
+    }
+
+    /// Like [`PgCluster::start`], also serving TLS (`ssl=on`) with the
+    /// server certificate of `ca` (SANs `localhost` and `127.0.0.1`).
+    pub fn start_with_tls(ca: &crate::TestCa) -> anyhow::Result<PgCluster> {
+        PgCluster::start_inner(Some(ca))
+    }
+
+    fn start_inner(ca: Option<&crate::TestCa>) -> anyhow::Result<PgCluster> {
         let bin = bin_dir()?;
         let run_as = run_as()?;
         let dir = tempfile::Builder::new()
@@ -149,6 +163,7 @@ impl PgCluster {
             bin,
             run_as,
             child: None,
+            tls: ca.is_some(),
         };
         let mut initdb = cluster.command("initdb");
         initdb
@@ -173,6 +188,18 @@ impl PgCluster {
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
+        }
+        if let Some(ca) = ca {
+            // The server insists that its key belongs to it, mode 0600.
+            for (from, to) in [
+                (ca.server_cert_path(), "server.crt"),
+                (ca.server_key_path(), "server.key"),
+            ] {
+                let to = data.join(to);
+                fs::copy(&from, &to).with_context(|| format!("copying {}", from.display()))?;
+                fs::set_permissions(&to, fs::Permissions::from_mode(0o600))?;
+                chown(&to, run_as)?;
+            }
         }
         cluster.start_again()?;
         tracing::info!(port = cluster.port(), "postgresql cluster started");
@@ -240,6 +267,11 @@ impl PgCluster {
             .arg("-k")
             .arg(self.dir.path().join("sock"))
             .args(["-c", "max_connections=100", "-c", "shared_buffers=32MB"])
+            .args(if self.tls {
+                &["-c", "ssl=on"][..]
+            } else {
+                &[][..]
+            })
             .stdout(log.try_clone()?)
             .stderr(log)
             .process_group(0);

@@ -39,7 +39,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Metrics, RelayErrorKind};
@@ -86,6 +86,9 @@ pub struct RelaySettings {
     pub reconnect_max: Duration,
     /// Largest payload relayed; larger rows are dead-lettered.
     pub max_message_bytes: usize,
+    /// PEM CA certificates trusted for TLS to the database (default: the
+    /// system's roots).
+    pub tls_ca_pem: Option<String>,
 }
 
 impl RelaySettings {
@@ -117,6 +120,7 @@ impl RelaySettings {
             reconnect_initial: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(5),
             max_message_bytes: 1 << 20,
+            tls_ca_pem: None,
         })
     }
 }
@@ -177,6 +181,43 @@ impl RelayError {
             None => RelayError::Query(text),
         }
     }
+}
+
+/// The TLS connector: rustls with the given CA bundle, or the system's
+/// roots. The server's certificate and name are always verified; whether
+/// TLS is used follows the URL's `sslmode` (`prefer` by default: TLS when
+/// the server offers it, `require` insists, `disable` never).
+fn tls_connector(
+    ca_pem: Option<&str>,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, RelayError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_pem {
+        Some(pem) => {
+            for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                let cert =
+                    cert.map_err(|e| RelayError::Connect(format!("invalid TLS CA bundle: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| RelayError::Connect(format!("invalid TLS CA certificate: {e}")))?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                // One unusable system certificate must not disable TLS.
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| RelayError::Connect(format!("TLS setup failed: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 /// The server's own words for an error, with its SQLSTATE, or the
@@ -445,8 +486,9 @@ impl Relay {
         config.keepalives(true);
         config.keepalives_idle(Duration::from_secs(10));
         config.application_name("warren-sidecar relay");
+        let tls = tls_connector(self.settings.tls_ca_pem.as_deref())?;
         let (client, connection) = config
-            .connect(NoTls)
+            .connect(tls)
             .await
             .map_err(|e| RelayError::from_pg(e, true))?;
         let wake = Arc::new(Notify::new());
