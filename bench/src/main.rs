@@ -9,12 +9,15 @@
 //! and 64 clients, batches end to end (until the queue holds them all), the
 //! accept rate with the broker down, the drain of that backlog once the
 //! broker is back, and the sidecar's memory idle and with a large backlog.
+//! The transactional outbox relay, from a private PostgreSQL cluster:
+//! rows per second end to end, and commit-to-consumer latency at low load.
 //!
 //! All messages carry a 1 KiB body, are persistent, and go to one quorum
 //! queue; the queue is purged and the path warmed up before each measurement.
 
 mod direct;
 mod load;
+mod relay;
 mod report;
 
 use std::path::{Path, PathBuf};
@@ -31,6 +34,8 @@ use crate::report::{Report, percentile_ms};
 const QUEUE: &str = "warren-bench";
 const BODY_BYTES: usize = 1024;
 const RSS_BUDGET_MIB: f64 = 64.0;
+/// The bound on the relay's median commit-to-broker latency.
+const RELAY_P50_BUDGET_MS: f64 = 50.0;
 const MIB: f64 = 1024.0 * 1024.0;
 
 /// warren-bench: the sidecar's throughput, latency, outage behaviour and
@@ -80,6 +85,7 @@ struct Sizes {
     batch: u64,
     backlog: u64,
     buffered: u64,
+    relay_samples: u64,
 }
 
 impl Sizes {
@@ -106,6 +112,7 @@ impl Sizes {
             batch: round(messages),
             backlog: messages,
             buffered: round(buffered),
+            relay_samples: if args.quick { 50 } else { 500 },
         }
     }
 }
@@ -304,6 +311,43 @@ async fn run(args: &Args, bin: &Path) -> anyhow::Result<Report> {
         "direct lapin, window 1000: client CPU per message",
         direct_cpu * 1e6 / sizes.pipelined as f64,
         "us",
+    );
+
+    // -- the transactional outbox relay ---------------------------------
+    progress(format!(
+        "relay: {} rows committed in PostgreSQL, then {} rows one per transaction",
+        sizes.pipelined, sizes.relay_samples
+    ));
+    let relayed = relay::measure(
+        &url,
+        QUEUE,
+        work.path(),
+        body.as_bytes(),
+        &node,
+        sizes.pipelined,
+        sizes.relay_samples,
+    )
+    .await?;
+    node.purge(QUEUE).await?;
+    r.compared(
+        "relay_e2e_msgs_per_s",
+        "relay: rows committed in PostgreSQL, broker-confirmed, end to end",
+        relayed.rate,
+        "msg/s",
+        "direct_pipelined_msgs_per_s",
+    );
+    r.budgeted(
+        "relay_commit_to_broker_p50_ms",
+        "relay, one row per transaction every 20 ms: p50 commit->consumer",
+        percentile_ms(&relayed.latencies, 50.0),
+        "ms",
+        RELAY_P50_BUDGET_MS,
+    );
+    r.baseline(
+        "relay_commit_to_broker_p99_ms",
+        "relay, one row per transaction every 20 ms: p99 commit->consumer",
+        percentile_ms(&relayed.latencies, 99.0),
+        "ms",
     );
 
     // -- through the sidecar -------------------------------------------
@@ -579,6 +623,20 @@ async fn run(args: &Args, bin: &Path) -> anyhow::Result<Report> {
         0.8,
     );
     r.target(
+        "relay throughput (end to end) >= 0.5x direct pipelined",
+        "relay_e2e_msgs_per_s",
+        pipelined,
+        ">=",
+        0.5,
+    );
+    r.target(
+        "relay p50 commit->broker (LISTEN/NOTIFY, low load) <= 50 ms",
+        "relay_commit_to_broker_p50_ms",
+        RELAY_P50_BUDGET_MS,
+        "<=",
+        1.0,
+    );
+    r.target(
         "RSS with the buffered backlog <= 64 MiB",
         "sidecar_buffered_rss_mib",
         RSS_BUDGET_MIB,
@@ -588,7 +646,7 @@ async fn run(args: &Args, bin: &Path) -> anyhow::Result<Report> {
     Ok(r)
 }
 
-async fn start_sidecar(
+pub(crate) async fn start_sidecar(
     broker_url: &str,
     data_dir: &Path,
     extra: &[String],

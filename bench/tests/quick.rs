@@ -27,6 +27,9 @@ const FIGURES: &[&str] = &[
     "reconnect_ms",
     "outage_batch_accept_msgs_per_s",
     "sidecar_buffered_rss_mib",
+    "relay_e2e_msgs_per_s",
+    "relay_commit_to_broker_p50_ms",
+    "relay_commit_to_broker_p99_ms",
 ];
 
 #[test]
@@ -74,7 +77,7 @@ fn quick_run_reports_every_figure_and_target() {
     );
 
     let targets = report["targets"].as_array().expect("targets");
-    assert_eq!(targets.len(), 5, "{report:#}");
+    assert_eq!(targets.len(), 7, "{report:#}");
     for t in targets {
         let r = t["ratio"].as_f64().unwrap_or(f64::NAN);
         assert!(r.is_finite() && r > 0.0, "target {t}");

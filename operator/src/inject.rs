@@ -42,6 +42,14 @@ pub const SIDECAR_MODE: &str = "warren.dev/sidecar-mode";
 /// Where the outbox lives: `claim` (a PersistentVolumeClaim that outlives
 /// the pod; the default) or `emptyDir` (gone with the pod).
 pub const OUTBOX: &str = "warren.dev/outbox";
+/// `<secret>/<key>` (or `<secret>`, key `url`): the Secret key holding the
+/// PostgreSQL URL of the app's database; the sidecar relays committed rows
+/// of its transactional outbox table (`WARREN_RELAY_POSTGRES`).
+pub const RELAY_POSTGRES_SECRET: &str = "warren.dev/relay-postgres-secret";
+/// The app's outbox table (default `warren_outbox`).
+pub const RELAY_TABLE: &str = "warren.dev/relay-table";
+/// A column whose rows are relayed in order per value (e.g. an aggregate id).
+pub const RELAY_ORDER_BY: &str = "warren.dev/relay-order-by";
 /// Set on injected pods and templates.
 pub const INJECTED: &str = "warren.dev/injected";
 /// Label on a pod naming the outbox claim it holds.
@@ -217,6 +225,94 @@ pub struct Request {
     pub app_path: String,
     pub mode: SidecarMode,
     pub outbox: OutboxMode,
+    /// The transactional outbox relay, when asked for.
+    pub relay: Option<RelayRequest>,
+}
+
+/// Where the relay's database URL comes from, and how it relays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayRequest {
+    /// The Secret holding the URL.
+    pub secret: String,
+    /// Its key.
+    pub key: String,
+    /// `--relay-table`, when not the default.
+    pub table: Option<String>,
+    /// `--relay-order-by`, when ordering by key.
+    pub order_by: Option<String>,
+}
+
+fn parse_relay(
+    annotations: &BTreeMap<String, String>,
+) -> Result<Option<RelayRequest>, InjectError> {
+    let nonempty = |k: &str| {
+        annotations
+            .get(k)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    let Some(value) = nonempty(RELAY_POSTGRES_SECRET) else {
+        for k in [RELAY_TABLE, RELAY_ORDER_BY] {
+            if nonempty(k).is_some() {
+                return Err(annotation_error(
+                    RELAY_POSTGRES_SECRET,
+                    format!("needed with {k}"),
+                ));
+            }
+        }
+        return Ok(None);
+    };
+    let (secret, key) = match value.split_once('/') {
+        Some((s, k)) => (s.trim().to_owned(), k.trim().to_owned()),
+        None => (value.clone(), "url".to_owned()),
+    };
+    if !is_dns_subdomain(&secret) {
+        return Err(annotation_error(
+            RELAY_POSTGRES_SECRET,
+            format!("{secret:?} is not a valid Secret name (want <secret>/<key>)"),
+        ));
+    }
+    let key_ok = !key.is_empty()
+        && key.len() <= 253
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !key_ok {
+        return Err(annotation_error(
+            RELAY_POSTGRES_SECRET,
+            format!("{key:?} is not a valid Secret key"),
+        ));
+    }
+    Ok(Some(RelayRequest {
+        secret,
+        key,
+        table: nonempty(RELAY_TABLE),
+        order_by: nonempty(RELAY_ORDER_BY),
+    }))
+}
+
+/// The sidecar's relay environment: the URL from the Secret (required, so
+/// a missing key keeps the pod from starting rather than relaying nothing).
+pub fn relay_env(relay: &RelayRequest) -> Vec<EnvVar> {
+    let mut out = vec![EnvVar {
+        name: "WARREN_RELAY_POSTGRES".into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: relay.secret.clone(),
+                key: relay.key.clone(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+    }];
+    if let Some(t) = &relay.table {
+        out.push(env("WARREN_RELAY_TABLE", t.clone()));
+    }
+    if let Some(k) = &relay.order_by {
+        out.push(env("WARREN_RELAY_ORDER_BY", k.clone()));
+    }
+    out
 }
 
 fn list(value: &str) -> Vec<String> {
@@ -327,6 +423,7 @@ pub fn parse_annotations(
         ],
         OutboxMode::Claim,
     )?;
+    let relay = parse_relay(annotations)?;
     Ok(Some(Request {
         queues,
         consume,
@@ -334,6 +431,7 @@ pub fn parse_annotations(
         app_path,
         mode,
         outbox,
+        relay,
     }))
 }
 
@@ -614,7 +712,13 @@ pub fn inject(
         return Ok(Outcome::Skipped);
     };
     let resolved = resolve(&request, resources)?;
-    let container = sidecar_container(&resolved, request.mode, cfg);
+    let mut container = sidecar_container(&resolved, request.mode, cfg);
+    if let Some(relay) = &request.relay {
+        container
+            .env
+            .get_or_insert_with(Vec::new)
+            .extend(relay_env(relay));
+    }
 
     // Render anew: drop a sidecar from an earlier injection wherever it is.
     spec.containers.retain(|c| c.name != CONTAINER);
@@ -820,6 +924,55 @@ mod tests {
             .chain(spec.containers.iter())
             .find(|c| c.name == CONTAINER)
             .expect("sidecar injected")
+    }
+
+    #[test]
+    fn the_relay_annotation_renders_the_database_url_from_its_secret() {
+        let (_, _, spec) = run(&[
+            (INJECT, "enabled"),
+            (QUEUES, "orders"),
+            (RELAY_POSTGRES_SECRET, "shop-db/relay-url"),
+            (RELAY_ORDER_BY, "aggregate_id"),
+        ])
+        .unwrap();
+        let s = sidecar(&spec);
+        let url = env_of(s, "WARREN_RELAY_POSTGRES").expect("relay URL rendered");
+        assert_eq!(url.value, None, "never inline: {url:?}");
+        let r = url.value_from.unwrap().secret_key_ref.unwrap();
+        assert_eq!((r.name.as_str(), r.key.as_str()), ("shop-db", "relay-url"));
+        assert_eq!(r.optional, Some(false));
+        assert_eq!(
+            env_of(s, "WARREN_RELAY_ORDER_BY").unwrap().value.as_deref(),
+            Some("aggregate_id")
+        );
+        assert!(env_of(s, "WARREN_RELAY_TABLE").is_none());
+        // The key defaults to `url`.
+        let (_, _, spec) = run(&[
+            (INJECT, "enabled"),
+            (QUEUES, "orders"),
+            (RELAY_POSTGRES_SECRET, "shop-db"),
+        ])
+        .unwrap();
+        let r = env_of(sidecar(&spec), "WARREN_RELAY_POSTGRES")
+            .unwrap()
+            .value_from
+            .unwrap()
+            .secret_key_ref
+            .unwrap();
+        assert_eq!(r.key, "url");
+        // Without the annotation there is no relay.
+        let (_, _, spec) = run(&[(INJECT, "enabled"), (QUEUES, "orders")]).unwrap();
+        assert!(env_of(sidecar(&spec), "WARREN_RELAY_POSTGRES").is_none());
+        for bad in [
+            &[(RELAY_POSTGRES_SECRET, "Not_A_Name/url")][..],
+            &[(RELAY_POSTGRES_SECRET, "db/bad key")][..],
+            &[(RELAY_TABLE, "outbox")][..],
+        ] {
+            let mut a = vec![(INJECT, "enabled"), (QUEUES, "orders")];
+            a.extend_from_slice(bad);
+            let e = run(&a).unwrap_err().to_string();
+            assert!(e.contains(RELAY_POSTGRES_SECRET), "{e}");
+        }
     }
 
     #[test]

@@ -25,6 +25,7 @@ use serde_json::json;
 use crate::consumer::{ConsumerSnapshot, ConsumerState};
 use crate::metrics::{AreaLabel, AreaLabels, Metrics, RejectReason};
 use crate::outbox::{Durability, Limits, Message, Outbox, OutboxError, now_ms};
+use crate::relay::RelayStatus;
 use crate::status::{BrokerSnapshot, BrokerStatus, ConnState};
 
 /// The name the API uses for AMQP's default (nameless) exchange.
@@ -61,6 +62,8 @@ pub struct AppState {
     pub outbox_limits: Limits,
     /// The consumer's subscriptions (no queues when none are configured).
     pub consumer: ConsumerState,
+    /// The transactional outbox relay, when configured.
+    pub relay: Option<RelayStatus>,
 }
 
 /// A refusal, rendered as a JSON error body.
@@ -123,6 +126,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/outbox/dead", get(dead_list))
         .route("/v1/outbox/dead/{seq}/retry", post(dead_retry))
         .route("/v1/consumer", get(consumer_status))
+        .route("/v1/relay", get(relay_status))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -569,6 +573,18 @@ fn report(state: &AppState) -> Result<OutboxReport, ApiError> {
 
 async fn consumer_status(State(state): State<Arc<AppState>>) -> Json<ConsumerSnapshot> {
     Json(state.consumer.snapshot())
+}
+
+/// The relay's state and counters, or `{"enabled": false}`.
+async fn relay_status(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    match &state.relay {
+        Some(relay) => {
+            let mut v = serde_json::to_value(relay.snapshot()).unwrap_or_default();
+            v["enabled"] = json!(true);
+            Json(v)
+        }
+        None => Json(json!({ "enabled": false })),
+    }
 }
 
 async fn outbox_status(State(state): State<Arc<AppState>>) -> Result<Json<OutboxReport>, ApiError> {

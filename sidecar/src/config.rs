@@ -186,6 +186,57 @@ pub struct Config {
     #[arg(long, env = "WARREN_DRAIN")]
     pub drain: bool,
 
+    /// PostgreSQL URL of the app's database: relay committed rows of its
+    /// outbox table (`--relay-table`) into the local outbox. Either a URL
+    /// (`postgres://user:password@host:5432/db`, several hosts allowed:
+    /// `host=a,b` fails over) or a libpq key=value string.
+    #[arg(long, env = "WARREN_RELAY_POSTGRES", hide_env_values = true)]
+    pub relay_postgres: Option<String>,
+
+    /// The app's outbox table (`schema.table` or `table`); the DDL ships as
+    /// `sidecar/sql/warren_outbox.sql`.
+    #[arg(long, env = "WARREN_RELAY_TABLE", default_value = "warren_outbox")]
+    pub relay_table: String,
+
+    /// Where rows that cannot be relayed go, with their reason (default:
+    /// the table's name with `_dead` appended).
+    #[arg(long, env = "WARREN_RELAY_DEAD_TABLE")]
+    pub relay_dead_table: Option<String>,
+
+    /// Relay rows with the same value in this column in order (e.g. an
+    /// aggregate id): per key, one row at a time, each broker-confirmed
+    /// before the next leaves the table. Without it rows leave in batches,
+    /// in no particular order.
+    #[arg(long, env = "WARREN_RELAY_ORDER_BY")]
+    pub relay_order_by: Option<String>,
+
+    /// Most rows claimed per relay transaction.
+    #[arg(long, env = "WARREN_RELAY_BATCH", default_value_t = 256)]
+    pub relay_batch: u32,
+
+    /// How the relay learns of new rows.
+    #[arg(
+        long,
+        env = "WARREN_RELAY_WAKEUP",
+        value_enum,
+        default_value = "listen"
+    )]
+    pub relay_wakeup: crate::relay::Wakeup,
+
+    /// The NOTIFY channel the table's trigger signals.
+    #[arg(long, env = "WARREN_RELAY_CHANNEL", default_value = "warren_outbox")]
+    pub relay_channel: String,
+
+    /// Longest wait between two looks at the table (the fallback for lost
+    /// notifications, and the only wake-up with `--relay-wakeup poll`).
+    #[arg(long, env = "WARREN_RELAY_POLL_INTERVAL", value_parser = duration, default_value = "1s")]
+    pub relay_poll_interval: Duration,
+
+    /// PEM file of CA certificates trusted for TLS to the relay's database
+    /// (default: the system's roots). TLS follows the URL's `sslmode`.
+    #[arg(long, env = "WARREN_RELAY_TLS_CA_FILE")]
+    pub relay_tls_ca_file: Option<PathBuf>,
+
     /// The consumer configuration itself, for embedding (takes precedence
     /// over `--config-json` and `--config`).
     #[arg(skip)]
@@ -225,7 +276,53 @@ impl Config {
             self.retry_max >= self.retry_initial && !self.retry_initial.is_zero(),
             "--retry-max must be >= --retry-initial > 0"
         );
+        if self.relay_postgres.is_some() {
+            anyhow::ensure!(
+                (1..=10_000).contains(&self.relay_batch),
+                "--relay-batch must be between 1 and 10000"
+            );
+            anyhow::ensure!(
+                !self.relay_poll_interval.is_zero(),
+                "--relay-poll-interval must be > 0"
+            );
+            self.relay_settings()?;
+        }
         Ok(())
+    }
+
+    /// The relay's settings, when `--relay-postgres` is given.
+    pub fn relay_settings(&self) -> anyhow::Result<Option<crate::relay::RelaySettings>> {
+        let Some(url) = self.relay_postgres.as_deref().map(str::trim) else {
+            return Ok(None);
+        };
+        if url.is_empty() || self.drain {
+            // An optional secretKeyRef of an absent key renders as empty;
+            // a draining sidecar takes nothing new.
+            return Ok(None);
+        }
+        let settings = crate::relay::RelaySettings::new(
+            url,
+            &self.relay_table,
+            self.relay_dead_table.as_deref(),
+            self.relay_order_by.as_deref(),
+        )
+        .map_err(|e| anyhow::anyhow!("invalid relay settings: {e}"))?;
+        Ok(Some(crate::relay::RelaySettings {
+            batch: self.relay_batch,
+            wakeup: self.relay_wakeup,
+            channel: self.relay_channel.clone(),
+            poll_interval: self.relay_poll_interval,
+            reconnect_initial: self.reconnect_initial,
+            reconnect_max: self.reconnect_max,
+            max_message_bytes: self.max_message_bytes,
+            tls_ca_pem: match &self.relay_tls_ca_file {
+                Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                    anyhow::anyhow!("cannot read --relay-tls-ca-file {}: {e}", path.display())
+                })?),
+                None => None,
+            },
+            ..settings
+        }))
     }
 
     /// Fills `broker_url` from the other broker flags when it is empty:

@@ -19,6 +19,8 @@
 //! - [`forwarder`]: connection management, confirms, retry and dead-letter;
 //! - [`consumer`]: consumes queues for the app, delivers over HTTP, retries
 //!   with backoff and parks what cannot be processed;
+//! - [`relay`]: the transactional outbox relay, moving rows the app
+//!   committed in its own PostgreSQL table into the outbox;
 //! - [`api`]: the app-facing API and the admin endpoints;
 //! - [`status`], [`metrics`]: what the sidecar reports about itself.
 
@@ -29,6 +31,7 @@ pub mod consumer;
 pub mod forwarder;
 pub mod metrics;
 pub mod outbox;
+pub mod relay;
 pub mod status;
 
 use std::net::SocketAddr;
@@ -48,6 +51,7 @@ use crate::consumer::{Consumer, ConsumerSettings, ConsumerState};
 use crate::forwarder::{Forwarder, ForwarderConfig};
 use crate::metrics::Metrics;
 use crate::outbox::{Durability, Limits, Outbox, SledStore, Stats};
+use crate::relay::{Relay, RelayStatus};
 use crate::status::BrokerStatus;
 
 /// A running sidecar.
@@ -62,6 +66,8 @@ pub struct Running {
     pub status: BrokerStatus,
     /// The consumer's subscriptions.
     pub consumer: ConsumerState,
+    /// The transactional outbox relay, when `--relay-postgres` is set.
+    pub relay: Option<RelayStatus>,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<Stats>>,
 }
@@ -164,6 +170,19 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         None => None,
     };
 
+    let stop_relay = CancellationToken::new();
+    let (relay_status, relay) = match cfg.relay_settings()? {
+        Some(settings) => {
+            let relay = Relay::new(settings, outbox.clone(), metrics.clone());
+            let status = relay.status();
+            (
+                Some(status),
+                Some(tokio::spawn(relay.run(stop_relay.clone()))),
+            )
+        }
+        None => (None, None),
+    };
+
     let state = Arc::new(AppState {
         outbox: outbox.clone(),
         status: status.clone(),
@@ -177,6 +196,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         },
         outbox_limits: limits,
         consumer: consumer_state.clone(),
+        relay: relay_status.clone(),
     });
     let api_listener = TcpListener::bind(cfg.listen)
         .await
@@ -212,6 +232,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                 ?drain_timeout,
                 "shutting down; draining the outbox"
             );
+            // The relay takes no new rows: what it has not moved stays in
+            // the app's table for the next sidecar.
+            stop_relay.cancel();
+            if let Some(relay) = relay {
+                let _ = relay.await;
+            }
             // The consumer stops taking deliveries and finishes those in
             // hand while the outbox drains.
             stop_consumer.cancel();
@@ -249,6 +275,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         outbox,
         status,
         consumer: consumer_state,
+        relay: relay_status,
         shutdown,
         task,
     })

@@ -79,6 +79,20 @@ pub enum ParkLabel {
     RetriesExhausted,
 }
 
+/// What kind of failure interrupted the transactional outbox relay.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelayErrorKind {
+    /// The database was unreachable or the connection broke.
+    Connect,
+    /// The database refused the credentials.
+    Auth,
+    /// A statement failed.
+    Query,
+    /// The local outbox refused the rows.
+    Outbox,
+}
+
 /// Label values are snake_case, as Prometheus conventions expect.
 macro_rules! snake_case_label {
     ($ty:ty { $($variant:ident => $text:literal),* $(,)? }) => {
@@ -116,6 +130,12 @@ snake_case_label!(ParkLabel {
     NonRetryable => "non_retryable",
     RetriesExhausted => "retries_exhausted",
 });
+snake_case_label!(RelayErrorKind {
+    Connect => "connect",
+    Auth => "auth",
+    Query => "query",
+    Outbox => "outbox",
+});
 snake_case_label!(ConnResult { Connected => "connected", Failed => "failed" });
 snake_case_label!(AreaLabel { Pending => "pending", Dead => "dead" });
 
@@ -127,6 +147,11 @@ pub struct RejectLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailLabels {
     pub reason: FailReason,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RelayErrorLabels {
+    pub kind: RelayErrorKind,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -219,6 +244,18 @@ pub struct Metrics {
     pub subscribed: Family<QueueLabels, Gauge>,
     /// Subscriptions re-established after they ended.
     pub resubscriptions: Family<QueueLabels, Counter>,
+    /// Rows the relay moved from the app's table into the outbox.
+    pub relay_relayed: Counter,
+    /// Rows the relay moved to the dead-letter table.
+    pub relay_dead_lettered: Counter,
+    /// Relay failures, by kind.
+    pub relay_errors: Family<RelayErrorLabels, Counter>,
+    /// Time from a row's `created_at` to the local outbox.
+    pub relay_lag: Histogram,
+    /// Age of the oldest row still in the app's table.
+    pub relay_oldest_row_age: Gauge<f64, AtomicU64>,
+    /// 1 while the relay is connected to the database.
+    pub relay_connected: Gauge,
 }
 
 impl Default for Metrics {
@@ -255,6 +292,12 @@ impl Metrics {
             deliveries_in_flight: Gauge::default(),
             subscribed: Family::default(),
             resubscriptions: Family::default(),
+            relay_relayed: Counter::default(),
+            relay_dead_lettered: Counter::default(),
+            relay_errors: Family::default(),
+            relay_lag: latency_histogram(),
+            relay_oldest_row_age: Gauge::default(),
+            relay_connected: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -372,6 +415,36 @@ impl Metrics {
             "Subscriptions re-established after they ended, by queue",
             m.resubscriptions.clone(),
         );
+        registry.register(
+            "relay_relayed",
+            "Rows moved from the app's outbox table into the local outbox",
+            m.relay_relayed.clone(),
+        );
+        registry.register(
+            "relay_dead_lettered",
+            "Rows moved to the relay's dead-letter table",
+            m.relay_dead_lettered.clone(),
+        );
+        registry.register(
+            "relay_errors",
+            "Relay failures (all retried), by kind",
+            m.relay_errors.clone(),
+        );
+        registry.register(
+            "relay_lag_seconds",
+            "Time from a row's created_at to the local outbox",
+            m.relay_lag.clone(),
+        );
+        registry.register(
+            "relay_oldest_row_age_seconds",
+            "Age of the oldest row still in the app's outbox table",
+            m.relay_oldest_row_age.clone(),
+        );
+        registry.register(
+            "relay_connected",
+            "1 while the relay is connected to the database",
+            m.relay_connected.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -384,6 +457,13 @@ impl Metrics {
     /// Counts a refused publish.
     pub fn reject(&self, reason: RejectReason) {
         self.rejected.get_or_create(&RejectLabels { reason }).inc();
+    }
+
+    /// Counts a relay failure.
+    pub fn relay_error(&self, kind: RelayErrorKind) {
+        self.relay_errors
+            .get_or_create(&RelayErrorLabels { kind })
+            .inc();
     }
 
     /// Counts a failed forwarding attempt.

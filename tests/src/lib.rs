@@ -10,6 +10,9 @@
 //! - [`ControlPlane`] (`cluster.rs`): a private Kubernetes control plane
 //!   (etcd, kube-apiserver, kube-controller-manager built from source) with
 //!   an admin and ServiceAccount clients, kubectl and helm;
+//! - [`PgCluster`] (`postgres.rs`): a private PostgreSQL cluster per test,
+//!   on its own port and data dir, that can be stopped, killed with SIGKILL
+//!   and started again on the same data (the relay's tests);
 //! - [`Proxy`] (`proxy.rs`): an in-process TCP proxy that cuts, resets,
 //!   stalls or refuses connections on demand;
 //! - [`SidecarProcess`] (`sidecar.rs`): the `warren-sidecar` binary as a
@@ -34,6 +37,7 @@ pub mod cluster;
 pub mod node;
 pub mod operator;
 pub mod ports;
+pub mod postgres;
 pub mod proxy;
 pub mod scenario;
 pub mod sidecar;
@@ -44,6 +48,7 @@ pub use app::{Reply, Seen, TestApp};
 pub use cluster::ControlPlane;
 pub use node::{NodeOptions, RabbitNode};
 pub use ports::{PortReservation, free_port, reserve_port};
+pub use postgres::PgCluster;
 pub use proxy::Proxy;
 pub use sidecar::{SidecarOptions, SidecarProcess, sidecar_bin};
 pub use tls::TestCa;
