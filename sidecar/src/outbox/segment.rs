@@ -1038,11 +1038,16 @@ impl SegmentStore {
             return Err(self.fail(&mut g, err));
         }
         let mut g = self.lock();
+        let mut sealed_synced = false;
         for (id, _, written) in files {
             if let Some(s) = g.segs.get_mut(&id) {
                 s.synced = s.synced.max(written);
+                sealed_synced |= s.sealed && s.synced == s.len;
             }
         }
+        // A newly sealed segment belongs in the checkpoint, so that a
+        // restart need not scan it.
+        g.acks_dirty |= sealed_synced;
         // Only this thread moves chunks into `unsynced`, so all of them
         // were covered.
         g.unsynced.clear();
