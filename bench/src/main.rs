@@ -452,7 +452,12 @@ async fn engine_phases(
     progress(format!("starting warren-sidecar, engine {engine}"));
     let url = node.amqp_url();
     let engine_flag = format!("--outbox-engine={engine}");
-    let mut sidecar = start_sidecar(&url, &dir.join("outbox"), &[engine_flag.clone()]).await?;
+    let mut sidecar = start_sidecar(
+        &url,
+        &dir.join("outbox"),
+        std::slice::from_ref(&engine_flag),
+    )
+    .await?;
     wait_broker_state(&sidecar, true, Duration::from_secs(30)).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_rss = rss_mib(&sidecar)?;
@@ -471,14 +476,14 @@ async fn engine_phases(
     load::single(&http, &api, QUEUE, raw.clone(), 4, 500).await?;
     let warm_batch = load::batch_body(QUEUE, &body, args.batch_size as usize);
     load::batches(&http, &api, warm_batch.clone(), args.batch_size, 1, 2).await?;
-    settle(&sidecar, counter, &node, 500 + 2 * args.batch_size).await?;
+    settle(&sidecar, counter, node, 500 + 2 * args.batch_size).await?;
 
     progress(format!(
         "sidecar single publishes, 1 client: {}",
         sizes.single1
     ));
     let one = load::single(&http, &api, QUEUE, raw.clone(), 1, sizes.single1).await?;
-    settle(&sidecar, counter, &node, sizes.single1).await?;
+    settle(&sidecar, counter, node, sizes.single1).await?;
     r.compared(
         key("sidecar_single1_msgs_per_s", suffix),
         &label("sidecar single publish, 1 client: accepted"),
@@ -506,9 +511,9 @@ async fn engine_phases(
         sizes.single64
     ));
     load::single(&http, &api, QUEUE, raw.clone(), 64, 640).await?;
-    settle(&sidecar, counter, &node, 640).await?;
+    settle(&sidecar, counter, node, 640).await?;
     let many = load::single(&http, &api, QUEUE, raw.clone(), 64, sizes.single64).await?;
-    settle(&sidecar, counter, &node, sizes.single64).await?;
+    settle(&sidecar, counter, node, sizes.single64).await?;
     r.compared(
         key("sidecar_single64_msgs_per_s", suffix),
         &label("sidecar single publish, 64 clients: accepted"),

@@ -108,7 +108,7 @@ impl LogFile for FaultFile {
         d.durable = d.durable.min(len as usize);
         Ok(())
     }
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.data.lock().unwrap().bytes.len() as u64)
     }
 }

@@ -78,7 +78,7 @@ pub trait LogFile: Send + Sync {
     /// Truncates or extends the file.
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// The file's current size.
-    fn len(&self) -> io::Result<u64>;
+    fn size(&self) -> io::Result<u64>;
 }
 
 /// The file system under the log.
@@ -123,7 +123,7 @@ impl LogFile for std::fs::File {
     fn set_len(&self, len: u64) -> io::Result<()> {
         std::fs::File::set_len(self, len)
     }
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.metadata()?.len())
     }
 }
@@ -494,7 +494,7 @@ struct Scanned {
 /// Reads a segment file frame by frame up to the first torn or corrupt
 /// frame.
 fn scan_file(file: Arc<dyn LogFile>, path: &Path) -> Result<Scanned, StoreError> {
-    let size = file.len().map_err(|e| io_err("cannot stat", path, e))?;
+    let size = file.size().map_err(|e| io_err("cannot stat", path, e))?;
     let mut meta = SegMeta::new(file.clone());
     meta.sealed = true;
     let mut magic = [0u8; 8];
@@ -702,7 +702,7 @@ impl SegmentStore {
         let ckpt_path = dir.join("checkpoint");
         let ckpt = match fs.open(&ckpt_path, false) {
             Ok(f) => {
-                let len = f.len().map_err(|e| io_err("cannot stat", &ckpt_path, e))?;
+                let len = f.size().map_err(|e| io_err("cannot stat", &ckpt_path, e))?;
                 let mut raw = vec![0u8; len as usize];
                 let n = f
                     .read_at(&mut raw, 0)
@@ -741,7 +741,7 @@ impl SegmentStore {
             let file = fs
                 .open(&path, false)
                 .map_err(|e| io_err("cannot open", &path, e))?;
-            let size = file.len().map_err(|e| io_err("cannot stat", &path, e))?;
+            let size = file.size().map_err(|e| io_err("cannot stat", &path, e))?;
             next_seg = next_seg.max(id + 1);
             let meta = match known.remove(&id).filter(|k| k.len == size) {
                 Some(k) => SegMeta {
@@ -1491,9 +1491,7 @@ impl SegmentStore {
         }
         g.failed = None;
         drop(g);
-        if let Err(e) = self.sync_all() {
-            return Err(e);
-        }
+        self.sync_all()?;
         tracing::info!("outbox log recovered from a write failure; accepting writes again");
         Ok(())
     }
@@ -1505,7 +1503,7 @@ fn read_dead_file(fs: &dyn LogFs, path: &Path) -> Result<Option<Vec<u8>>, StoreE
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err("cannot open", path, e)),
     };
-    let len = f.len().map_err(|e| io_err("cannot stat", path, e))?;
+    let len = f.size().map_err(|e| io_err("cannot stat", path, e))?;
     let mut raw = vec![0u8; len as usize];
     let n = f
         .read_at(&mut raw, 0)
