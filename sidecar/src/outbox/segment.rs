@@ -696,6 +696,7 @@ impl SegmentStore {
         fs: Arc<dyn LogFs>,
     ) -> Result<Self, StoreError> {
         let started = Instant::now();
+        super::store::pin_mmap_threshold();
         let dead_dir = dir.join("dead");
         fs.create_dir_all(&dead_dir)
             .map_err(|e| io_err("cannot create", &dead_dir, e))?;

@@ -180,13 +180,14 @@ impl SledStore {
 /// Keeps large allocations out of the heap, so a large backlog does not
 /// inflate the process's memory.
 ///
-/// sled allocates and frees segment-sized IO buffers (512 KiB) all the
+/// Both engines move large buffers (request bodies of whole batches, write
+/// chunks, read chunks). sled allocates and frees segment-sized IO buffers (512 KiB) all the
 /// time, and a batch append allocates a few of its own. glibc raises its
 /// mmap threshold to the size of every mmapped block freed, after which such
 /// buffers come from the heap and fragment it: with a million messages
 /// buffered the resident set was about twice what it is with the threshold
 /// pinned at glibc's default of 128 KiB (which also stops the adjustment).
-fn pin_mmap_threshold() {
+pub(crate) fn pin_mmap_threshold() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         static ONCE: std::sync::Once = std::sync::Once::new();
