@@ -27,6 +27,8 @@ const FIGURES: &[&str] = &[
     "reconnect_ms",
     "outage_batch_accept_msgs_per_s",
     "sidecar_buffered_rss_mib",
+    "sidecar_buffered_disk_ratio",
+    "sidecar_restart_ms",
     "relay_e2e_msgs_per_s",
     "relay_commit_to_broker_p50_ms",
     "relay_commit_to_broker_p99_ms",
@@ -42,6 +44,7 @@ fn quick_run_reports_every_figure_and_target() {
             "--messages=3000",
             "--buffered=10000",
             "--batch-size=500",
+            "--engines=segment",
         ])
         .arg(format!("--sidecar-bin={}", sidecar.display()))
         .output()
@@ -77,7 +80,7 @@ fn quick_run_reports_every_figure_and_target() {
     );
 
     let targets = report["targets"].as_array().expect("targets");
-    assert_eq!(targets.len(), 7, "{report:#}");
+    assert_eq!(targets.len(), 10, "{report:#}");
     for t in targets {
         let r = t["ratio"].as_f64().unwrap_or(f64::NAN);
         assert!(r.is_finite() && r > 0.0, "target {t}");

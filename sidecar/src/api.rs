@@ -374,6 +374,7 @@ async fn append(state: &AppState, messages: Vec<Message>) -> Result<Vec<u64>, Ap
             err.retry_after = Some(if connected { 1 } else { 5 });
             err
         }
+        OutboxError::Invalid(_) => ApiError::invalid(e.to_string()),
         OutboxError::Poisoned(_) | OutboxError::Store(_) => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "outbox_failed",

@@ -9,7 +9,7 @@ use clap::Parser;
 
 use warren_crds::sidecar_config::SidecarConfig;
 
-use crate::outbox::Durability;
+use crate::outbox::{Durability, Engine};
 
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
@@ -86,10 +86,26 @@ pub struct Config {
     #[arg(long, env = "WARREN_ADMIN_LISTEN", default_value = "0.0.0.0:7172")]
     pub admin_listen: SocketAddr,
 
-    /// When a publish is answered: after the outbox flush covering it
-    /// (`flush`), or once it is in the outbox's memory (`buffered`).
+    /// When a publish is answered: after the fdatasync covering it
+    /// (`flush`), or once it has been written to the operating system
+    /// (`buffered`: survives a sidecar crash, not a host crash).
     #[arg(long, env = "WARREN_DURABILITY", value_enum, default_value = "flush")]
     pub durability: Durability,
+
+    /// Storage engine of the outbox: the append-only segment log
+    /// (`segment`), or `sled`. A sled outbox found in the data directory is
+    /// moved into the segment log on start.
+    #[arg(
+        long,
+        env = "WARREN_OUTBOX_ENGINE",
+        value_enum,
+        default_value = "segment"
+    )]
+    pub outbox_engine: Engine,
+
+    /// Size at which an outbox segment file is sealed and a new one started.
+    #[arg(long, env = "WARREN_OUTBOX_SEGMENT_BYTES", default_value_t = 64 << 20)]
+    pub outbox_segment_bytes: u64,
 
     /// Background flush interval in buffered mode.
     #[arg(long, env = "WARREN_FLUSH_INTERVAL", value_parser = duration, default_value = "100ms")]
@@ -164,7 +180,7 @@ pub struct Config {
     #[arg(long, env = "WARREN_TLS_CA_FILE")]
     pub tls_ca_file: Option<PathBuf>,
 
-    /// Memory sled may use as cache, in bytes.
+    /// Memory sled may use as cache, in bytes (sled engine only).
     #[arg(long, env = "WARREN_OUTBOX_CACHE_BYTES", default_value_t = 16 << 20)]
     pub outbox_cache_bytes: u64,
 
@@ -263,6 +279,10 @@ impl Config {
         anyhow::ensure!(
             self.confirm_window > 0,
             "--confirm-window must be at least 1"
+        );
+        anyhow::ensure!(
+            self.outbox_segment_bytes >= 1 << 20,
+            "--outbox-segment-bytes must be at least 1 MiB"
         );
         anyhow::ensure!(
             self.max_batch_messages > 0,

@@ -13,8 +13,8 @@
 //!
 //! Layout:
 //! - [`config`]: flags and `WARREN_*` environment fallbacks;
-//! - [`outbox`]: the storage trait, the sled engine, the record framing and
-//!   the outbox with group commit and limits;
+//! - [`outbox`]: the storage trait, the segment-log and sled engines, the
+//!   record framing and the outbox with group commit and limits;
 //! - [`broker`]: connecting to the broker, shared by both directions;
 //! - [`forwarder`]: connection management, confirms, retry and dead-letter;
 //! - [`consumer`]: consumes queues for the app, delivers over HTTP, retries
@@ -50,7 +50,7 @@ use crate::config::{Config, redact_url};
 use crate::consumer::{Consumer, ConsumerSettings, ConsumerState};
 use crate::forwarder::{Forwarder, ForwarderConfig};
 use crate::metrics::Metrics;
-use crate::outbox::{Durability, Limits, Outbox, SledStore, Stats};
+use crate::outbox::{Durability, Limits, Outbox, SegmentOptions, Stats, Store};
 use crate::relay::{Relay, RelayStatus};
 use crate::status::BrokerStatus;
 
@@ -87,6 +87,12 @@ impl Running {
 
 /// Opens the outbox, starts the forwarder and both HTTP servers.
 pub async fn start(cfg: Config) -> anyhow::Result<Running> {
+    start_with(cfg, None).await
+}
+
+/// [`start`], over `store` instead of the engine `--outbox-engine` names
+/// (tests use it to put a fault-injecting store under a whole sidecar).
+pub async fn start_with(cfg: Config, store: Option<Arc<dyn Store>>) -> anyhow::Result<Running> {
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
@@ -95,12 +101,26 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         Durability::Flush => Duration::from_millis(500),
         Durability::Buffered => cfg.flush_interval,
     };
-    let store = SledStore::open(&cfg.data_dir, cfg.outbox_cache_bytes, Some(flush_every))?;
+    let opts = SegmentOptions {
+        segment_bytes: cfg.outbox_segment_bytes,
+        sync_interval: flush_every,
+        ..SegmentOptions::default()
+    };
+    let store = match store {
+        Some(s) => s,
+        None => outbox::open_store(
+            cfg.outbox_engine,
+            &cfg.data_dir,
+            opts,
+            cfg.outbox_cache_bytes,
+            Some(flush_every),
+        )?,
+    };
     let limits = Limits {
         max_messages: cfg.max_outbox_messages,
         max_bytes: cfg.max_outbox_bytes,
     };
-    let outbox = Outbox::open(Arc::new(store), limits, cfg.durability, metrics.clone())?;
+    let outbox = Outbox::open(store, limits, cfg.durability, metrics.clone())?;
     let left = outbox.stats();
     if left.pending > 0 || left.dead > 0 {
         tracing::info!(
@@ -217,7 +237,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             .with_graceful_shutdown(stop_servers.clone().cancelled_owned())
             .into_future(),
     );
-    tracing::info!(%api_addr, %admin_addr, data_dir = %cfg.data_dir.display(), durability = ?cfg.durability, "warren-sidecar started");
+    tracing::info!(%api_addr, %admin_addr, data_dir = %cfg.data_dir.display(), durability = ?cfg.durability, engine = ?cfg.outbox_engine, "warren-sidecar started");
 
     let shutdown = CancellationToken::new();
     let drain_timeout = cfg.drain_timeout;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use warren_sidecar::metrics::Metrics;
-use warren_sidecar::outbox::{Durability, Limits, Outbox, SledStore};
+use warren_sidecar::outbox::{Durability, Engine, Limits, Outbox, SegmentOptions, open_store};
 use warren_testkit::{Account, init_tracing};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -40,6 +40,48 @@ async fn sidecar_kill9_mid_stream_loses_nothing() {
     consume_all(&node.amqp_url(), QUEUE, &account, Duration::from_secs(60)).await;
     let report = account.report();
     println!("sidecar kill -9 x3: {report}");
+    account.assert_no_loss();
+    assert!(report.acked > 1000, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn buffered_sidecar_killed_with_sigkill_loses_nothing() {
+    init_tracing();
+    let node = start_node().await;
+    declare_topology(&node).await;
+    // Broker down while the kills happen, so the messages sit in the outbox
+    // (written to the kernel, not yet synced) when the process dies.
+    let node = on_node(node, |n| n.stop()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("outbox");
+    let mut sidecar = SidecarProcess::start(
+        &data,
+        &node.amqp_url(),
+        &["--durability=buffered", "--flush-interval=10s"],
+    )
+    .await;
+    let account = Account::new();
+    let producers = Producers::start(
+        &sidecar.api,
+        &account,
+        "bk9",
+        8,
+        u64::MAX,
+        Duration::from_millis(1),
+    );
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        sidecar.kill9();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        sidecar.restart().await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    producers.stop().await;
+    let node = on_node(node, |n| n.start_again()).await;
+    wait_drained(&sidecar.api, Duration::from_secs(60)).await;
+    consume_all(&node.amqp_url(), QUEUE, &account, Duration::from_secs(60)).await;
+    let report = account.report();
+    println!("buffered sidecar kill -9 x3: {report}");
     account.assert_no_loss();
     assert!(report.acked > 1000, "{report}");
 }
@@ -105,9 +147,16 @@ async fn sigterm_refuses_new_work_keeps_the_rest_and_restart_forwards_it_first_i
 
     // Everything is still on disk.
     {
-        let store = SledStore::open(&data, 1 << 20, None).unwrap();
+        let store = open_store(
+            Engine::Segment,
+            &data,
+            SegmentOptions::default(),
+            1 << 20,
+            None,
+        )
+        .unwrap();
         let outbox = Outbox::open(
-            Arc::new(store),
+            store,
             Limits {
                 max_messages: u64::MAX,
                 max_bytes: u64::MAX,
@@ -171,9 +220,16 @@ async fn sigterm_refuses_new_work_keeps_the_rest_and_restart_forwards_it_first_i
     }
     let status = sidecar.terminate(Duration::from_secs(20)).await;
     assert!(status.success());
-    let store = SledStore::open(&data, 1 << 20, None).unwrap();
+    let store = open_store(
+        Engine::Segment,
+        &data,
+        SegmentOptions::default(),
+        1 << 20,
+        None,
+    )
+    .unwrap();
     let outbox = Outbox::open(
-        Arc::new(store),
+        store,
         Limits {
             max_messages: u64::MAX,
             max_bytes: u64::MAX,

@@ -4,25 +4,35 @@
 //! Writes take a sequence number under one lock and are applied to the store
 //! in that order, so sequence order is outbox order and the forwarder can scan
 //! forward with a cursor. In [`Durability::Flush`] mode an append returns
-//! only after a store flush that started after its write has succeeded.
-//! Concurrent appends share flushes: one thread flushes on behalf of every
-//! writer that queued up while the previous flush ran (group commit).
+//! only after a store flush that started after its write has succeeded; in
+//! [`Durability::Buffered`] mode once the write has reached the operating
+//! system. Concurrent appends share both: one thread writes (and syncs) on
+//! behalf of every writer that queued up while the previous round ran
+//! (group commit).
 //!
 //! A failed write or flush poisons the outbox: it refuses every later write,
 //! because after a failed fsync nobody can say what is on disk. Messages
-//! already stored keep being forwarded.
+//! already stored keep being forwarded. The flush thread asks the store to
+//! recover now and then; an engine that can (the segment log rewrites what
+//! was not known durable) lifts the poison without a restart.
+//!
+//! Engines: [`segment`] (default, an append-only log with group commit) and
+//! sled ([`store::SledStore`]), both behind [`Store`].
 
 pub mod record;
+pub mod segment;
 pub mod store;
 
+use std::path::Path;
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::sync::{Notify, oneshot};
 
-pub use record::{DeadEntry, DecodeError, Message};
-pub use store::{Area, Op, SledStore, Store, StoreError};
+pub use record::{DeadEntry, DecodeError, EncodeError, Message};
+pub use segment::{LogFile, LogFs, RealFs, SegmentOptions, SegmentStore};
+pub use store::{Area, Op, SledStore, Store, StoreError, Summary};
 
 use crate::metrics::Metrics;
 
@@ -31,10 +41,135 @@ use crate::metrics::Metrics;
 pub enum Durability {
     /// Answer only after the flush covering the message has returned (default).
     Flush,
-    /// Answer once the message is in the store's memory; the store flushes in
-    /// the background. A host crash can lose the last moments of accepted
-    /// messages; a sidecar process crash cannot.
+    /// Answer once the message has been written to the operating system
+    /// (the store syncs in the background). A crash of the sidecar process
+    /// loses nothing; a crash of the host can lose the last moments of
+    /// accepted messages. With sled, whose writes stay in its own memory
+    /// until a flush, this is the same as `flush`.
     Buffered,
+}
+
+/// Which storage engine holds the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    /// The append-only segment log (default).
+    Segment,
+    /// sled, as before the segment log.
+    Sled,
+}
+
+/// Where the segment log lives inside the data directory (sled's files stay
+/// at the top level, so an upgraded directory holds both for a moment).
+pub const SEGMENT_DIR: &str = "log";
+
+/// Opens the outbox store of `engine` in `data_dir`.
+///
+/// The segment engine first moves what a sled outbox left in the directory
+/// into the log, so an upgrade forwards it instead of stranding it: the log
+/// is built in a temporary directory, synced, renamed into place, and only
+/// then are sled's files removed (a crash in between repeats the copy into a
+/// fresh temporary directory).
+pub fn open_store(
+    engine: Engine,
+    data_dir: &Path,
+    opts: SegmentOptions,
+    sled_cache_bytes: u64,
+    sled_flush_every: Option<Duration>,
+) -> Result<Arc<dyn Store>, StoreError> {
+    match engine {
+        Engine::Sled => {
+            if data_dir.join(SEGMENT_DIR).exists() {
+                tracing::warn!(dir = %data_dir.join(SEGMENT_DIR).display(), "a segment-log outbox exists here; the sled engine does not read it");
+            }
+            Ok(Arc::new(SledStore::open(
+                data_dir,
+                sled_cache_bytes,
+                sled_flush_every,
+            )?))
+        }
+        Engine::Segment => {
+            let log = data_dir.join(SEGMENT_DIR);
+            let has_sled = data_dir.join("conf").exists() && data_dir.join("db").exists();
+            if has_sled && !log.exists() {
+                migrate_sled(data_dir, &log, opts, sled_cache_bytes)?;
+            }
+            if has_sled {
+                remove_sled_files(data_dir)?;
+            }
+            Ok(Arc::new(SegmentStore::open(&log, opts)?))
+        }
+    }
+}
+
+fn migrate_sled(
+    data_dir: &Path,
+    log: &Path,
+    opts: SegmentOptions,
+    sled_cache_bytes: u64,
+) -> Result<(), StoreError> {
+    let tmp = data_dir.join(format!("{SEGMENT_DIR}.migrating"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)
+            .map_err(|e| StoreError(format!("cannot remove {}: {e}", tmp.display())))?;
+    }
+    let started = Instant::now();
+    let sled = SledStore::open(data_dir, sled_cache_bytes, None)?;
+    let (mut pending, mut dead) = (0u64, 0u64);
+    {
+        let seg = SegmentStore::open(&tmp, opts)?;
+        for area in [Area::Pending, Area::Dead] {
+            let mut from = 0;
+            loop {
+                let chunk = sled.scan(area, from, 4096)?;
+                let Some(&(last, _)) = chunk.last() else {
+                    break;
+                };
+                match area {
+                    Area::Pending => pending += chunk.len() as u64,
+                    Area::Dead => dead += chunk.len() as u64,
+                }
+                let ops = chunk
+                    .into_iter()
+                    .map(|(key, value)| Op::Put { area, key, value })
+                    .collect();
+                seg.apply(ops)?;
+                if last == u64::MAX {
+                    break;
+                }
+                from = last + 1;
+            }
+        }
+        seg.flush()?;
+    }
+    drop(sled);
+    std::fs::rename(&tmp, log)
+        .and_then(|()| std::fs::File::open(data_dir)?.sync_all())
+        .map_err(|e| StoreError(format!("cannot move the migrated outbox into place: {e}")))?;
+    tracing::info!(
+        pending,
+        dead,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "moved a sled outbox into the segment log"
+    );
+    Ok(())
+}
+
+/// Removes what sled keeps in a data directory, once the log holds it.
+fn remove_sled_files(data_dir: &Path) -> Result<(), StoreError> {
+    let entries = std::fs::read_dir(data_dir)
+        .map_err(|e| StoreError(format!("cannot list {}: {e}", data_dir.display())))?;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let path = e.path();
+        let res = match name.as_str() {
+            "conf" | "db" => std::fs::remove_file(&path),
+            "blobs" => std::fs::remove_dir_all(&path),
+            n if n.starts_with("snap.") => std::fs::remove_file(&path),
+            _ => Ok(()),
+        };
+        res.map_err(|err| StoreError(format!("cannot remove {}: {err}", path.display())))?;
+    }
+    Ok(())
 }
 
 /// Bounds on what the outbox holds (pending and dead together), so a long
@@ -59,6 +194,9 @@ pub enum OutboxError {
     /// The store failed this operation (the outbox is now poisoned).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A message that cannot be stored as it is; nothing was stored.
+    #[error(transparent)]
+    Invalid(#[from] EncodeError),
 }
 
 /// A dead-letter entry with its sequence number, or why it cannot be decoded.
@@ -97,18 +235,42 @@ struct Counters {
     stats: Stats,
 }
 
-type FlushReply = oneshot::Sender<Result<(), StoreError>>;
+/// What a waiter asks the group-commit thread for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FlushKind {
+    /// Hand the applied changes to the OS.
+    Write,
+    /// Make them durable.
+    Sync,
+}
+
+type FlushReply = (FlushKind, oneshot::Sender<Result<(), StoreError>>);
+
+/// Why the outbox refuses writes, shared with the flush thread (which
+/// clears it when the store recovers).
+type Poison = Arc<Mutex<Option<String>>>;
+
+/// How often the flush thread runs the store's background work.
+const TICK: Duration = Duration::from_millis(20);
+/// How often a failed store is asked to recover.
+const RECOVER_EVERY: Duration = Duration::from_millis(500);
 
 /// The outbox. Cheap to share behind an `Arc`.
 pub struct Outbox {
+    /// The engine.
     store: Arc<dyn Store>,
+    /// Sequence numbers and counts, under the lock that orders appends.
     counters: Mutex<Counters>,
+    /// Bounds on what it holds.
     limits: Limits,
+    /// When appends are answered.
     durability: Durability,
     /// Queue of the group-commit thread; `None` only while dropping.
     flusher: Option<mpsc::Sender<FlushReply>>,
+    /// The group-commit thread.
     flush_thread: Option<std::thread::JoinHandle<()>>,
-    poisoned: Mutex<Option<String>>,
+    /// Why writes are refused, while they are.
+    poisoned: Poison,
     /// Woken whenever new pending entries are written.
     new_entries: Notify,
     metrics: Arc<Metrics>,
@@ -130,39 +292,25 @@ impl Outbox {
         durability: Durability,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, StoreError> {
-        let mut counters = Counters::default();
-        let mut max_seq = None;
-        for area in [Area::Pending, Area::Dead] {
-            let mut from = 0;
-            loop {
-                let chunk = store.scan(area, from, 4096)?;
-                let Some((last, _)) = chunk.last() else { break };
-                from = last + 1;
-                max_seq = max_seq.max(Some(*last));
-                for (_, v) in &chunk {
-                    let (n, b) = match area {
-                        Area::Pending => (
-                            &mut counters.stats.pending,
-                            &mut counters.stats.pending_bytes,
-                        ),
-                        Area::Dead => (&mut counters.stats.dead, &mut counters.stats.dead_bytes),
-                    };
-                    *n += 1;
-                    *b += v.len() as u64;
-                }
-                if last == &u64::MAX {
-                    break;
-                }
-            }
-        }
-        counters.next_seq = max_seq.map_or(1, |s| s + 1);
+        let sum = store.summary()?;
+        let counters = Counters {
+            next_seq: sum.next_seq.max(1),
+            stats: Stats {
+                pending: sum.pending,
+                pending_bytes: sum.pending_bytes,
+                dead: sum.dead,
+                dead_bytes: sum.dead_bytes,
+            },
+        };
 
         let (tx, rx) = mpsc::channel::<FlushReply>();
         let flush_store = store.clone();
         let flush_metrics = metrics.clone();
+        let poisoned: Poison = Arc::default();
+        let flush_poison = poisoned.clone();
         let flush_thread = std::thread::Builder::new()
             .name("warren-outbox-flush".into())
-            .spawn(move || flush_loop(flush_store, rx, flush_metrics))
+            .spawn(move || flush_loop(flush_store, rx, flush_metrics, flush_poison))
             .map_err(|e| StoreError(format!("cannot start the flush thread: {e}")))?;
 
         Ok(Arc::new(Self {
@@ -172,7 +320,7 @@ impl Outbox {
             durability,
             flusher: Some(tx),
             flush_thread: Some(flush_thread),
-            poisoned: Mutex::new(None),
+            poisoned,
             new_entries: Notify::new(),
             metrics,
         }))
@@ -208,6 +356,9 @@ impl Outbox {
     /// On error nothing was acknowledged; the caller must report failure.
     pub async fn append(&self, messages: Vec<Message>) -> Result<Vec<u64>, OutboxError> {
         self.check_poison()?;
+        for m in &messages {
+            m.check()?;
+        }
         let encoded: Vec<Vec<u8>> = messages.iter().map(Message::encode).collect();
         let bytes: u64 = encoded.iter().map(|e| e.len() as u64).sum();
         let count = encoded.len() as u64;
@@ -249,16 +400,24 @@ impl Outbox {
             (first..first + count).collect::<Vec<u64>>()
         };
         self.new_entries.notify_one();
-        if self.durability == Durability::Flush {
-            self.sync().await?;
+        match self.durability {
+            Durability::Flush => self.sync().await?,
+            Durability::Buffered => self.request(FlushKind::Write).await?,
         }
         Ok(seqs)
     }
 
     /// Waits for a flush that covers every change made before this call.
     pub async fn sync(&self) -> Result<(), OutboxError> {
+        self.request(FlushKind::Sync).await
+    }
+
+    async fn request(&self, kind: FlushKind) -> Result<(), OutboxError> {
         let (tx, rx) = oneshot::channel();
-        let sent = self.flusher.as_ref().is_some_and(|f| f.send(tx).is_ok());
+        let sent = self
+            .flusher
+            .as_ref()
+            .is_some_and(|f| f.send((kind, tx)).is_ok());
         let res = match sent {
             true => rx
                 .await
@@ -448,34 +607,86 @@ impl Drop for Outbox {
     }
 }
 
-/// The group-commit loop: one flush serves every request queued before it
-/// started.
+/// The group-commit loop: one write (and, if anyone asked, one sync) serves
+/// every request queued before it started; in between it runs the store's
+/// background work.
 ///
-/// A failed flush is final. After a failed fsync the kernel may have dropped
-/// the dirty data it could not write, so a later flush that succeeds says
-/// nothing about changes made before the failure: every later request gets
-/// the first failure.
-fn flush_loop(store: Arc<dyn Store>, rx: mpsc::Receiver<FlushReply>, metrics: Arc<Metrics>) {
-    let mut failed: Option<StoreError> = None;
-    while let Ok(first) = rx.recv() {
-        let mut waiters = vec![first];
-        while let Ok(more) = rx.try_recv() {
-            waiters.push(more);
+/// A failed write or flush is not forgotten by a later success. After a
+/// failed fsync the kernel may have dropped the dirty data it could not
+/// write, so a later flush that succeeds says nothing about changes made
+/// before the failure: every request gets the failure until the store has
+/// recovered (rewritten what was not known durable, see [`Store::recover`]).
+fn flush_loop(
+    store: Arc<dyn Store>,
+    rx: mpsc::Receiver<FlushReply>,
+    metrics: Arc<Metrics>,
+    poison: Poison,
+) {
+    let mut last_try = Instant::now();
+    let mut last_tick = Instant::now();
+    let set_poison = |e: &StoreError| {
+        let mut p = poison.lock().unwrap();
+        if p.is_none() {
+            tracing::error!(error = %e, "outbox storage failed; refusing further writes");
+            *p = Some(e.0.clone());
         }
-        if let Some(err) = &failed {
-            for w in waiters {
-                let _ = w.send(Err(err.clone()));
+    };
+    loop {
+        let mut waiters = Vec::new();
+        match rx.recv_timeout(TICK) {
+            Ok(first) => {
+                waiters.push(first);
+                while let Ok(more) = rx.try_recv() {
+                    waiters.push(more);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        let failed = poison.lock().unwrap().clone();
+        if let Some(reason) = failed {
+            if last_try.elapsed() >= RECOVER_EVERY {
+                last_try = Instant::now();
+                match store.recover() {
+                    Ok(()) => {
+                        tracing::info!(%reason, "outbox storage recovered; accepting writes again");
+                        *poison.lock().unwrap() = None;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "outbox storage has not recovered yet"),
+                }
+            }
+            // Requests made before the recovery may cover changes the
+            // failure dropped: they fail.
+            for (_, w) in waiters {
+                let _ = w.send(Err(StoreError(reason.clone())));
             }
             continue;
         }
-        let started = Instant::now();
-        let res = store.flush();
-        metrics.observe_flush(started.elapsed(), waiters.len());
-        if let Err(e) = &res {
-            failed = Some(e.clone());
+        if !waiters.is_empty() {
+            let sync = waiters.iter().any(|(k, _)| *k == FlushKind::Sync);
+            let started = Instant::now();
+            let res = if sync {
+                store.flush()
+            } else {
+                store.write_out()
+            };
+            if sync {
+                metrics.observe_flush(started.elapsed(), waiters.len());
+            }
+            if let Err(e) = &res {
+                set_poison(e);
+                last_try = Instant::now();
+            }
+            for (_, w) in waiters {
+                let _ = w.send(res.clone());
+            }
         }
-        for w in waiters {
-            let _ = w.send(res.clone());
+        if last_tick.elapsed() >= TICK {
+            last_tick = Instant::now();
+            if let Err(e) = store.tick() {
+                set_poison(&e);
+                last_try = Instant::now();
+            }
         }
     }
 }

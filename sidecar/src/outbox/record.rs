@@ -3,15 +3,18 @@
 //! A pending entry (area `Pending`, key = sequence number):
 //!
 //! ```text
-//! u8   version (= 1)
+//! u8   version (= 2; version 1, still read, had a u16 header count)
 //! u64  enqueued_at, milliseconds since the Unix epoch
 //! u8   len + message_id      (UTF-8, ≤ 255 bytes: an AMQP short string)
 //! u8   len + exchange        ("" is the default exchange)
 //! u8   len + routing_key
 //! u8   len + content_type    (len 0 = none)
-//! u16  header count, then per header: u8 len + name, u32 len + value (UTF-8)
+//! u32  header count, then per header: u8 len + name, u32 len + value (UTF-8)
 //! u32  len + body
 //! ```
+//!
+//! [`Message::check`] refuses what these length fields cannot hold (and
+//! records over [`MAX_RECORD_BYTES`]), so nothing is ever stored wrapped.
 //!
 //! A dead entry (area `Dead`) wraps the pending bytes unchanged, so a dead
 //! message can be replayed exactly as it was accepted:
@@ -24,12 +27,20 @@
 //! u32  len + the pending entry's bytes
 //! ```
 //!
-//! All integers are big-endian. sled checksums its own log, so the framing
-//! carries no checksum of its own.
+//! All integers are big-endian. The engines frame and checksum these
+//! records themselves (the segment log's framing is in
+//! `docs/outbox-format.md`; sled checksums its own log).
 
 use bytes::Bytes;
 
-const VERSION: u8 = 1;
+/// Version written for pending entries.
+const VERSION: u8 = 2;
+/// The first version, with a `u16` header count.
+const VERSION_U16_HEADERS: u8 = 1;
+/// Version of dead entries.
+const DEAD_VERSION: u8 = 1;
+/// Largest encoded record the outbox stores.
+pub const MAX_RECORD_BYTES: usize = 256 << 20;
 
 /// A message as the app handed it to the sidecar.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,6 +74,11 @@ pub struct DeadEntry {
     pub raw: Vec<u8>,
 }
 
+/// A message that cannot be stored as it is.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("message cannot be stored: {0}")]
+pub struct EncodeError(String);
+
 /// A record that cannot be decoded.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("corrupt outbox record: {0}")]
@@ -86,7 +102,7 @@ impl Message {
             + self.routing_key.len()
             + 1
             + self.content_type.as_ref().map_or(0, |c| c.len())
-            + 2
+            + 4
             + self
                 .headers
                 .iter()
@@ -96,8 +112,51 @@ impl Message {
             + self.body.len()
     }
 
-    /// Encodes the message. Field lengths must already be validated (the
-    /// HTTP layer rejects anything longer than its length prefix allows).
+    /// Checks that every field fits its length prefix, so that
+    /// [`Message::encode`] cannot wrap a length or a count.
+    pub fn check(&self) -> Result<(), EncodeError> {
+        for (what, v) in [
+            ("message id", self.message_id.as_str()),
+            ("exchange", &self.exchange),
+            ("routing key", &self.routing_key),
+            ("content type", self.content_type.as_deref().unwrap_or("")),
+        ] {
+            if v.len() > u8::MAX as usize {
+                return Err(EncodeError(format!(
+                    "{what} is {} bytes, at most 255 fit",
+                    v.len()
+                )));
+            }
+        }
+        if u32::try_from(self.headers.len()).is_err() {
+            return Err(EncodeError(format!(
+                "{} headers, at most {} fit",
+                self.headers.len(),
+                u32::MAX
+            )));
+        }
+        for (k, v) in &self.headers {
+            if k.len() > u8::MAX as usize {
+                return Err(EncodeError(format!(
+                    "header name of {} bytes, at most 255 fit",
+                    k.len()
+                )));
+            }
+            if u32::try_from(v.len()).is_err() {
+                return Err(EncodeError(format!("header {k} is too long")));
+            }
+        }
+        let len = self.encoded_len();
+        if len > MAX_RECORD_BYTES {
+            return Err(EncodeError(format!(
+                "encoded message of {len} bytes exceeds the outbox's limit of {MAX_RECORD_BYTES}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Encodes the message. [`Message::check`] must have passed (the outbox
+    /// checks before it appends).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len());
         out.push(VERSION);
@@ -106,7 +165,7 @@ impl Message {
         put_str8(&mut out, &self.exchange);
         put_str8(&mut out, &self.routing_key);
         put_str8(&mut out, self.content_type.as_deref().unwrap_or(""));
-        out.extend_from_slice(&(self.headers.len() as u16).to_be_bytes());
+        out.extend_from_slice(&(self.headers.len() as u32).to_be_bytes());
         for (k, v) in &self.headers {
             put_str8(&mut out, k);
             out.extend_from_slice(&(v.len() as u32).to_be_bytes());
@@ -130,7 +189,8 @@ impl Message {
 
     fn decode_with(raw: &[u8], body: impl FnOnce(&[u8]) -> Bytes) -> Result<Self, DecodeError> {
         let mut r = Reader(raw);
-        if r.u8()? != VERSION {
+        let version = r.u8()?;
+        if version != VERSION && version != VERSION_U16_HEADERS {
             return Err(DecodeError("unknown record version"));
         }
         let enqueued_at_ms = r.u64()?;
@@ -138,7 +198,15 @@ impl Message {
         let exchange = r.str8()?;
         let routing_key = r.str8()?;
         let content_type = Some(r.str8()?).filter(|c| !c.is_empty());
-        let count = r.u16()? as usize;
+        let count = match version {
+            VERSION_U16_HEADERS => r.u16()? as usize,
+            _ => r.u32()? as usize,
+        };
+        // Each header takes at least five bytes: a count larger than what
+        // is left is corrupt, not a reason to allocate.
+        if count > r.0.len() / 5 {
+            return Err(DecodeError("header count exceeds the record"));
+        }
         let mut headers = Vec::with_capacity(count);
         for _ in 0..count {
             let k = r.str8()?;
@@ -165,7 +233,8 @@ impl Message {
     /// Reads only the enqueue time of an encoded pending entry.
     pub fn peek_enqueued_at(raw: &[u8]) -> Option<u64> {
         let mut r = Reader(raw);
-        (r.u8().ok()? == VERSION).then_some(())?;
+        let v = r.u8().ok()?;
+        (v == VERSION || v == VERSION_U16_HEADERS).then_some(())?;
         r.u64().ok()
     }
 }
@@ -175,7 +244,7 @@ impl DeadEntry {
     pub fn encode(&self) -> Vec<u8> {
         let reason = truncate_utf8(&self.reason, u16::MAX as usize);
         let mut out = Vec::with_capacity(1 + 8 + 4 + 2 + reason.len() + 4 + self.raw.len());
-        out.push(VERSION);
+        out.push(DEAD_VERSION);
         out.extend_from_slice(&self.dead_at_ms.to_be_bytes());
         out.extend_from_slice(&self.attempts.to_be_bytes());
         out.extend_from_slice(&(reason.len() as u16).to_be_bytes());
@@ -188,7 +257,7 @@ impl DeadEntry {
     /// Decodes a dead entry.
     pub fn decode(raw: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader(raw);
-        if r.u8()? != VERSION {
+        if r.u8()? != DEAD_VERSION {
             return Err(DecodeError("unknown record version"));
         }
         let dead_at_ms = r.u64()?;
@@ -315,6 +384,61 @@ mod tests {
         let mut version = raw;
         version[0] = 9;
         assert!(Message::decode(&version).is_err());
+    }
+
+    #[test]
+    fn header_counts_beyond_u16_round_trip() {
+        let m = Message {
+            headers: (0..70_000)
+                .map(|i| (format!("h{i}"), String::new()))
+                .collect(),
+            ..sample()
+        };
+        m.check().unwrap();
+        let raw = m.encode();
+        assert_eq!(raw.len(), m.encoded_len());
+        assert_eq!(Message::decode(&raw).unwrap().headers.len(), 70_000);
+    }
+
+    #[test]
+    fn version_1_records_still_decode() {
+        let m = sample();
+        let v2 = m.encode();
+        // Rewrite as version 1: a u16 header count.
+        let at = 1
+            + 8
+            + [&m.message_id, &m.exchange, &m.routing_key]
+                .iter()
+                .map(|s| 1 + s.len())
+                .sum::<usize>()
+            + 1
+            + m.content_type.as_ref().unwrap().len();
+        let mut v1 = vec![1u8];
+        v1.extend_from_slice(&v2[1..at]);
+        v1.extend_from_slice(&(m.headers.len() as u16).to_be_bytes());
+        v1.extend_from_slice(&v2[at + 4..]);
+        assert_eq!(Message::decode(&v1).unwrap(), m);
+    }
+
+    #[test]
+    fn what_cannot_be_stored_is_refused() {
+        let long = "x".repeat(256);
+        for m in [
+            Message {
+                message_id: long.clone(),
+                ..sample()
+            },
+            Message {
+                headers: vec![(long.clone(), "v".into())],
+                ..sample()
+            },
+            Message {
+                body: Bytes::from(vec![0u8; MAX_RECORD_BYTES]),
+                ..sample()
+            },
+        ] {
+            assert!(m.check().is_err());
+        }
     }
 
     #[test]

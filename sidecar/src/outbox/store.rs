@@ -1,9 +1,10 @@
-//! The narrow storage interface under the outbox, and its sled engine.
+//! The narrow storage interface under the outbox, and its sled engine (the
+//! default engine, the segment log, is in [`super::segment`]).
 //!
 //! The outbox needs only four things from a storage engine: apply a small set
 //! of puts and deletes atomically, make everything applied so far durable,
 //! scan one area in key order, and read one key. Keeping the interface that
-//! small lets another engine be measured against sled, and lets tests inject
+//! small lets engines be measured side by side, and lets tests inject
 //! faults (a write or a flush that fails) below the outbox.
 //!
 //! Keys are sequence numbers. Each area is a separate key space: `Pending`
@@ -48,11 +49,28 @@ pub enum Op {
 #[error("outbox storage error: {0}")]
 pub struct StoreError(pub String);
 
+/// Counts and sizes of what a store holds, and the first sequence number
+/// that was never used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Pending entries.
+    pub pending: u64,
+    /// Their encoded bytes.
+    pub pending_bytes: u64,
+    /// Dead-letter entries.
+    pub dead: u64,
+    /// Their encoded bytes.
+    pub dead_bytes: u64,
+    /// Every sequence number below this may have been used.
+    pub next_seq: u64,
+}
+
 /// What the outbox needs from a storage engine.
 ///
 /// Contract: after `flush` returns `Ok`, every `apply` that returned before
-/// the `flush` started survives a crash. Nothing is promised for changes that
-/// were never covered by a successful flush.
+/// the `flush` started survives a crash. After `write_out` returns `Ok`, they
+/// survive a crash of the process (not of the host). Nothing is promised for
+/// changes that were never covered by a successful flush.
 pub trait Store: Send + Sync + 'static {
     /// Applies all `ops` atomically: after a crash either all or none of them
     /// are visible.
@@ -63,6 +81,57 @@ pub trait Store: Send + Sync + 'static {
     fn scan(&self, area: Area, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
     /// The value of `key` in `area`, if present.
     fn get(&self, area: Area, key: u64) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Hands every change applied so far to the operating system, so that
+    /// it survives the process being killed. Engines that keep changes in
+    /// their own memory until a flush must flush here.
+    fn write_out(&self) -> Result<(), StoreError> {
+        self.flush()
+    }
+
+    /// Counts what the store holds, for opening the outbox. The default
+    /// scans both areas.
+    fn summary(&self) -> Result<Summary, StoreError> {
+        let mut sum = Summary::default();
+        let mut max_seq = None;
+        for area in [Area::Pending, Area::Dead] {
+            let mut from = 0;
+            loop {
+                let chunk = self.scan(area, from, 4096)?;
+                let Some((last, _)) = chunk.last() else { break };
+                max_seq = max_seq.max(Some(*last));
+                for (_, v) in &chunk {
+                    let (n, b) = match area {
+                        Area::Pending => (&mut sum.pending, &mut sum.pending_bytes),
+                        Area::Dead => (&mut sum.dead, &mut sum.dead_bytes),
+                    };
+                    *n += 1;
+                    *b += v.len() as u64;
+                }
+                if *last == u64::MAX {
+                    break;
+                }
+                from = last + 1;
+            }
+        }
+        sum.next_seq = max_seq.map_or(1, |s| s + 1);
+        Ok(sum)
+    }
+
+    /// Background work (periodic sync, checkpoints, deleting what is no
+    /// longer needed), called often by the outbox's flush thread.
+    fn tick(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// After a failed write or flush: makes the store whole again without
+    /// trusting anything the failure may have dropped, so it can accept
+    /// writes. Engines that cannot do that say so and stay failed.
+    fn recover(&self) -> Result<(), StoreError> {
+        Err(StoreError(
+            "this outbox engine cannot recover from a storage failure without a restart".into(),
+        ))
+    }
 }
 
 fn encode_key(area: Area, key: u64) -> [u8; 9] {
@@ -111,13 +180,14 @@ impl SledStore {
 /// Keeps large allocations out of the heap, so a large backlog does not
 /// inflate the process's memory.
 ///
-/// sled allocates and frees segment-sized IO buffers (512 KiB) all the
+/// Both engines move large buffers (request bodies of whole batches, write
+/// chunks, read chunks). sled allocates and frees segment-sized IO buffers (512 KiB) all the
 /// time, and a batch append allocates a few of its own. glibc raises its
 /// mmap threshold to the size of every mmapped block freed, after which such
 /// buffers come from the heap and fragment it: with a million messages
 /// buffered the resident set was about twice what it is with the threshold
 /// pinned at glibc's default of 128 KiB (which also stops the adjustment).
-fn pin_mmap_threshold() {
+pub(crate) fn pin_mmap_threshold() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         static ONCE: std::sync::Once = std::sync::Once::new();
