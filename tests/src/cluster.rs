@@ -47,6 +47,7 @@ use tempfile::TempDir;
 
 use crate::node::spawn_tied_to_process;
 use crate::ports::{PortReservation, reserve_port};
+use crate::tls::write_private;
 
 /// How long the API server may take to answer `/readyz` ok. It takes 5-10 s
 /// on an idle 2-core machine; much longer while test binaries compile.
@@ -172,21 +173,6 @@ pub fn k8s_bin_dir() -> anyhow::Result<PathBuf> {
 /// `scripts/k8s-tools`).
 pub fn k8s_tools_dir() -> anyhow::Result<PathBuf> {
     dir_from("WARREN_K8S_TOOLS_DIR", "k8s-tools")
-}
-
-/// Write `contents` readable by the owner only (keys, tokens).
-fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(contents.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The CA, the API server's serving certificate, the admin's client

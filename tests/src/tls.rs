@@ -104,7 +104,7 @@ impl TestCa {
 
 /// Write a file readable only by its owner: the broker runs as the same user,
 /// and a world-readable key would be a bad habit to teach.
-fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()

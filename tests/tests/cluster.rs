@@ -427,31 +427,52 @@ fn deployment(ns: &str, name: &str, replicas: u32, inject: bool) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn webhook_injects_pods_the_controllers_create() {
+/// Warren as the webhook and claim tests need it: a control plane with the
+/// chart (plus `values`), a broker, one operator whose CA is in the webhook
+/// configuration, and namespace `shop` with the broker Secret, the
+/// ReliableQueue `orders` and its default ServiceAccount (pods need it).
+struct Shop {
+    plane: ControlPlane,
+    _node: RabbitNode,
+    _operator: OperatorProcess,
+}
+
+const SHOP: &str = "shop";
+
+async fn shop(values: &[&str]) -> Shop {
     let plane = start_plane();
-    let installed = install_chart(&plane, &[]).expect("helm install");
+    let installed = install_chart(&plane, values).expect("helm install");
     let node = tokio::task::block_in_place(RabbitNode::start).expect("rabbitmq node");
-    let _op = OperatorProcess::start(&plane, "op-a", installed.webhook_port.port(), &[])
+    let operator = OperatorProcess::start(&plane, "op-a", installed.webhook_port.port(), &[])
         .await
         .expect("warren-operator run");
     wait_for_ca_bundle(&plane, Duration::from_secs(30)).unwrap();
-    let ns = "shop";
-    plane.apply_yaml(&broker_secret(ns, &node)).unwrap();
+    plane.apply_yaml(&broker_secret(SHOP, &node)).unwrap();
     plane
-        .apply_yaml(&reliable_queue(ns, "orders", &node, ""))
+        .apply_yaml(&reliable_queue(SHOP, "orders", &node, ""))
         .unwrap();
-    // The namespace's default ServiceAccount (pods need it) comes from the
-    // serviceaccount controller.
     eventually(
         Duration::from_secs(30),
         "the default ServiceAccount",
         || {
             plane
-                .kubectl_ok(&["get", "sa", "default", "-n", ns])
+                .kubectl_ok(&["get", "sa", "default", "-n", SHOP])
                 .map_err(|e| format!("{e:#}"))
         },
     );
+    Shop {
+        plane,
+        _node: node,
+        _operator: operator,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn webhook_injects_pods_the_controllers_create() {
+    // Holds the broker and the operator until the end of the test.
+    let shop = shop(&[]).await;
+    let plane = &shop.plane;
+    let ns = SHOP;
 
     // A plain pod is untouched.
     plane
@@ -460,7 +481,7 @@ async fn webhook_injects_pods_the_controllers_create() {
              spec:\n  containers:\n    - name: app\n      image: registry.example.com/plain:1\n",
         )
         .expect("a plain pod is created");
-    let plain = get_json(&plane, &["get", "pod", "plain", "-n", ns]).unwrap();
+    let plain = get_json(plane, &["get", "pod", "plain", "-n", ns]).unwrap();
     assert!(plain["spec"]["initContainers"].is_null(), "{plain}");
     assert_eq!(plain["spec"]["containers"].as_array().unwrap().len(), 1);
     assert!(claim_of(&plain).is_none());
@@ -469,7 +490,7 @@ async fn webhook_injects_pods_the_controllers_create() {
     // pods, and the API server stores them with the sidecar.
     plane.apply_yaml(&deployment(ns, "api", 3, true)).unwrap();
     let stored = eventually(Duration::from_secs(60), "3 pods of api", || {
-        let p = pods(&plane, ns, "app=api");
+        let p = pods(plane, ns, "app=api");
         if p.len() == 3 {
             Ok(p)
         } else {
@@ -504,7 +525,7 @@ async fn webhook_injects_pods_the_controllers_create() {
         3,
         "three pods, three different claims: {claims:?}"
     );
-    let pvcs = get_json(&plane, &["get", "pvc", "-n", ns]).unwrap();
+    let pvcs = get_json(plane, &["get", "pvc", "-n", ns]).unwrap();
     let pvc_names: BTreeSet<String> = pvcs["items"]
         .as_array()
         .unwrap()
@@ -521,7 +542,7 @@ async fn webhook_injects_pods_the_controllers_create() {
         .kubectl_ok(&["scale", "deployment/api", "-n", ns, "--replicas=2"])
         .unwrap();
     let left = eventually(Duration::from_secs(30), "2 pods of api", || {
-        let p = pods(&plane, ns, "app=api");
+        let p = pods(plane, ns, "app=api");
         if p.len() == 2 {
             Ok(p)
         } else {
@@ -535,7 +556,7 @@ async fn webhook_injects_pods_the_controllers_create() {
         .kubectl_ok(&["scale", "deployment/api", "-n", ns, "--replicas=3"])
         .unwrap();
     let now = eventually(Duration::from_secs(30), "3 pods of api again", || {
-        let p = pods(&plane, ns, "app=api");
+        let p = pods(plane, ns, "app=api");
         if p.len() == 3 {
             Ok(p)
         } else {
@@ -613,39 +634,19 @@ async fn the_other_operator_takes_over_when_the_leader_is_killed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_claim_gets_a_drain_job_and_goes_when_drained() {
-    let plane = start_plane();
-    let installed = install_chart(
-        &plane,
-        &[
-            "sidecar.outbox.idleBeforeDrain=5s",
-            "operator.poolInterval=2s",
-        ],
-    )
-    .expect("helm install");
-    let node = tokio::task::block_in_place(RabbitNode::start).expect("rabbitmq node");
-    let _op = OperatorProcess::start(&plane, "op-a", installed.webhook_port.port(), &[])
-        .await
-        .expect("warren-operator run");
-    wait_for_ca_bundle(&plane, Duration::from_secs(30)).unwrap();
-    let ns = "shop";
-    plane.apply_yaml(&broker_secret(ns, &node)).unwrap();
-    plane
-        .apply_yaml(&reliable_queue(ns, "orders", &node, ""))
-        .unwrap();
-    eventually(
-        Duration::from_secs(30),
-        "the default ServiceAccount",
-        || {
-            plane
-                .kubectl_ok(&["get", "sa", "default", "-n", ns])
-                .map_err(|e| format!("{e:#}"))
-        },
-    );
+    // Holds the broker and the operator until the end of the test.
+    let shop = shop(&[
+        "sidecar.outbox.idleBeforeDrain=5s",
+        "operator.poolInterval=2s",
+    ])
+    .await;
+    let plane = &shop.plane;
+    let ns = SHOP;
     plane
         .apply_yaml(&deployment(ns, "ledger", 1, true))
         .unwrap();
     let pod = eventually(Duration::from_secs(60), "the ledger pod", || {
-        pods(&plane, ns, "app=ledger")
+        pods(plane, ns, "app=ledger")
             .into_iter()
             .next()
             .ok_or_else(|| "no pod".to_string())
@@ -661,7 +662,7 @@ async fn an_idle_claim_gets_a_drain_job_and_goes_when_drained() {
         "a drain Job for the claim",
         || {
             let jobs = get_json(
-                &plane,
+                plane,
                 &[
                     "get",
                     "jobs",
@@ -694,7 +695,7 @@ async fn an_idle_claim_gets_a_drain_job_and_goes_when_drained() {
     // after `warren-sidecar --drain` exited 0; the job controller then
     // completes the Job.
     let job_pod = eventually(Duration::from_secs(60), "the drain Job's pod", || {
-        pods(&plane, ns, &format!("job-name={job_name}"))
+        pods(plane, ns, &format!("job-name={job_name}"))
             .into_iter()
             .next()
             .ok_or_else(|| "no pod".to_string())
@@ -723,7 +724,7 @@ async fn an_idle_claim_gets_a_drain_job_and_goes_when_drained() {
         ])
         .expect("pod status set");
     eventually(Duration::from_secs(60), "the Job to complete", || {
-        let j = get_json(&plane, &["get", "job", &job_name, "-n", ns])?;
+        let j = get_json(plane, &["get", "job", &job_name, "-n", ns])?;
         if j["status"]["succeeded"] == 1 {
             Ok(())
         } else {
