@@ -415,7 +415,8 @@ fn pods(plane: &ControlPlane, ns: &str, selector: &str) -> Vec<Value> {
 fn deployment(ns: &str, name: &str, replicas: u32, inject: bool) -> String {
     let annotations = if inject {
         "      annotations:\n        warren.dev/inject: enabled\n        warren.dev/queues: orders\n\
-         \x20       warren.dev/app-port: \"8080\"\n"
+         \x20       warren.dev/app-port: \"8080\"\n\
+         \x20       warren.dev/relay-postgres-secret: shop-db/url\n"
     } else {
         ""
     };
@@ -511,6 +512,16 @@ async fn webhook_injects_pods_the_controllers_create() {
             sidecar["restartPolicy"], "Always",
             "native sidecar: {sidecar}"
         );
+        // The transactional outbox relay's database URL, from its Secret.
+        let relay = sidecar["env"]
+            .as_array()
+            .and_then(|env| env.iter().find(|e| e["name"] == "WARREN_RELAY_POSTGRES"))
+            .unwrap_or_else(|| panic!("{name}'s sidecar has no relay URL: {sidecar}"));
+        assert_eq!(
+            relay["valueFrom"]["secretKeyRef"]["name"], "shop-db",
+            "{relay}"
+        );
+        assert_eq!(relay["valueFrom"]["secretKeyRef"]["key"], "url", "{relay}");
         let claim = claim_of(pod).unwrap_or_else(|| panic!("{name} has no outbox claim"));
         assert_eq!(
             pod["metadata"]["labels"]["warren.dev/outbox-claim"],
