@@ -46,6 +46,7 @@ use rcgen::{
 use tempfile::TempDir;
 
 use crate::node::spawn_tied_to_process;
+use crate::operator::repo_root;
 use crate::ports::{PortReservation, reserve_port};
 use crate::tls::write_private;
 
@@ -128,14 +129,6 @@ impl fmt::Debug for ControlPlane {
             )
             .finish()
     }
-}
-
-/// Where the repository's scripts are (the testkit is `tests/` in it).
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the testkit lives in the repository")
-        .to_path_buf()
 }
 
 /// A directory named by `var`, else the last line `script` prints (the

@@ -34,8 +34,6 @@ pub const RELEASE: &str = "warren";
 pub struct Installed {
     /// The port of the webhook Service, which the first operator listens on.
     pub webhook_port: PortReservation,
-    /// The chart's ServiceAccount name.
-    pub service_account: String,
 }
 
 /// `helm install` the chart of this repository into `plane` (namespace
@@ -70,10 +68,7 @@ pub fn install_chart(plane: &ControlPlane, values: &[&str]) -> anyhow::Result<In
         "crd/reliablequeues.warren.dev",
         "crd/retrypolicies.warren.dev",
     ])?;
-    Ok(Installed {
-        webhook_port,
-        service_account: RELEASE.to_string(),
-    })
+    Ok(Installed { webhook_port })
 }
 
 /// Wait until the chart's MutatingWebhookConfiguration carries a CA bundle
