@@ -59,22 +59,23 @@ UNVALIDATED_KINDS = {
 }
 CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration", "CustomResourceDefinition"}
 
-# The operator's RBAC, as the injection contract lists it.
-CLUSTER_RBAC = [
-    ("warren.dev", ["reliablequeues", "retrypolicies"], ["get", "list", "watch", "patch", "update"]),
-    ("warren.dev", ["reliablequeues/status", "retrypolicies/status"], ["get", "patch", "update"]),
-    ("warren.dev", ["reliablequeues/finalizers"], ["update"]),
-    ("", ["secrets"], ["get", "list", "watch"]),
-    ("", ["events"], ["create", "patch"]),
+# The operator's RBAC in a namespace it works in: every verb its code calls
+# (the cluster tier checks the same list with `kubectl auth can-i --list`).
+NAMESPACED_RBAC = [
+    ("warren.dev", ["reliablequeues"], ["get", "list", "watch", "patch"]),
+    ("warren.dev", ["retrypolicies"], ["get", "list", "watch"]),
+    ("warren.dev", ["reliablequeues/status", "retrypolicies/status"], ["patch"]),
+    ("", ["secrets"], ["get"]),
     ("events.k8s.io", ["events"], ["create", "patch"]),
-    ("", ["pods"], ["get", "list", "watch"]),
-    ("", ["persistentvolumeclaims"], ["get", "list", "watch", "create", "patch", "update", "delete"]),
-    ("batch", ["jobs"], ["get", "list", "watch", "create", "delete"]),
-    ("apps", ["deployments", "replicasets", "statefulsets"], ["get", "list", "watch"]),
-    # + admissionregistration.k8s.io mutatingwebhookconfigurations get patch
-    #   update, resourceNames: [the configuration's name]; added per release.
+    ("", ["pods"], ["list"]),
+    ("", ["persistentvolumeclaims"], ["get", "list", "create", "patch", "delete"]),
+    ("batch", ["jobs"], ["list", "create"]),
+    ("apps", ["deployments", "statefulsets"], ["get"]),
 ]
-LEASE_RBAC = [("coordination.k8s.io", ["leases"], ["get", "list", "watch", "create", "update", "patch"])]
+# + admissionregistration.k8s.io mutatingwebhookconfigurations get patch,
+#   resourceNames: [the configuration's name], in the ClusterRole; with
+#   operator.watchNamespaces the namespaced rules are Roles in each.
+LEASE_RBAC = [("coordination.k8s.io", ["leases"], ["get", "create", "patch"])]
 
 
 class Report:
@@ -290,6 +291,8 @@ def check_chart(case, docs, values, chart, report):
         expect(meta["name"].startswith(full), "%s: name does not start with %r" % (what, full))
         if kind in CLUSTER_SCOPED:
             expect("namespace" not in meta, "%s: cluster-scoped, but has a namespace" % what)
+        elif kind in ("Role", "RoleBinding") and meta.get("namespace") in (values["operator"].get("watchNamespaces") or []):
+            pass  # the operator's rights in a namespace it works in
         else:
             expect.equal(meta.get("namespace"), ns, "%s: namespace" % what)
         labels = meta.get("labels") or {}
@@ -474,33 +477,55 @@ def check_chart(case, docs, values, chart, report):
         expect.equal(len(rendered), 1, "MutatingWebhookConfigurations")
 
     # RBAC.
+    watch = values["operator"].get("watchNamespaces") or []
     cluster_role = one("ClusterRole", full)
     if cluster_role and config_name:
-        want = expected_grants(CLUSTER_RBAC) | rbac_grants([{
+        want = rbac_grants([{
             "apiGroups": ["admissionregistration.k8s.io"],
             "resources": ["mutatingwebhookconfigurations"],
-            "verbs": ["get", "patch", "update"],
+            "verbs": ["get", "patch"],
             "resourceNames": [config_name],
         }])
+        if not watch:
+            want |= expected_grants(NAMESPACED_RBAC)
         got = rbac_grants(cluster_role["rules"])
         expect(got == want, "ClusterRole grants differ from the contract: extra %s, missing %s" % (sorted(got - want), sorted(want - got)))
     roles = by_kind.get("Role", [])
-    if expect(len(roles) == 1, "%d Roles rendered, expected 1" % len(roles)):
-        got = rbac_grants(roles[0]["rules"])
+    leader_roles = [r for r in roles if r["metadata"].get("namespace") == ns and r["metadata"]["name"].endswith("-leader-election")]
+    if expect(len(leader_roles) == 1, "%d leader-election Roles rendered, expected 1" % len(leader_roles)):
+        got = rbac_grants(leader_roles[0]["rules"])
         want = expected_grants(LEASE_RBAC)
         if not values["webhook"]["certManager"]["enabled"] and config_name:
-            # The self-managed CA Secret: create, and update of that one name.
+            # The self-managed CA Secret: create, and get/update of that one name.
             want |= expected_grants([("", ["secrets"], ["create"])]) | rbac_grants([{
-                "apiGroups": [""], "resources": ["secrets"], "verbs": ["update"],
+                "apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "update"],
                 "resourceNames": [config_name + "-ca"],
             }])
-        expect(got == want, "Role grants differ from the contract: extra %s, missing %s" % (sorted(got - want), sorted(want - got)))
-    for binding_kind, role_kind, role in (("ClusterRoleBinding", "ClusterRole", cluster_role), ("RoleBinding", "Role", roles[0] if roles else None)):
-        bindings = by_kind.get(binding_kind, [])
-        if expect(len(bindings) == 1 and role, "%d %ss rendered, expected 1" % (len(bindings), binding_kind)):
-            b = bindings[0]
-            expect.equal((b["roleRef"]["kind"], b["roleRef"]["name"]), (role_kind, role["metadata"]["name"]), "%s roleRef" % binding_kind)
-            expect.equal(b["subjects"], [{"kind": "ServiceAccount", "name": service_account, "namespace": ns}], "%s subjects" % binding_kind)
+        expect(got == want, "leader-election Role grants differ from the contract: extra %s, missing %s" % (sorted(got - want), sorted(want - got)))
+    namespaced = [r for r in roles if r not in leader_roles]
+    expect.equal(sorted(r["metadata"].get("namespace") for r in namespaced), sorted(watch), "namespaces with a Role (operator.watchNamespaces)")
+    for role in namespaced:
+        got = rbac_grants(role["rules"])
+        want = expected_grants(NAMESPACED_RBAC)
+        expect(got == want, "Role in %s grants differ from the contract: extra %s, missing %s" % (role["metadata"].get("namespace"), sorted(got - want), sorted(want - got)))
+    role_bindings = by_kind.get("RoleBinding", [])
+    expect.equal(len(role_bindings), len(roles), "RoleBindings (one per Role)")
+    for binding in role_bindings:
+        target = [r for r in roles if r["metadata"]["name"] == binding["roleRef"]["name"] and r["metadata"].get("namespace") == binding["metadata"].get("namespace")]
+        expect(binding["roleRef"]["kind"] == "Role" and len(target) == 1, "RoleBinding %s/%s binds no rendered Role" % (binding["metadata"].get("namespace"), binding["metadata"]["name"]))
+        expect.equal(binding["subjects"], [{"kind": "ServiceAccount", "name": service_account, "namespace": ns}], "RoleBinding subjects")
+    bindings = by_kind.get("ClusterRoleBinding", [])
+    if expect(len(bindings) == 1 and cluster_role, "%d ClusterRoleBindings rendered, expected 1" % len(bindings)):
+        b = bindings[0]
+        expect.equal((b["roleRef"]["kind"], b["roleRef"]["name"]), ("ClusterRole", cluster_role["metadata"]["name"]), "ClusterRoleBinding roleRef")
+        expect.equal(b["subjects"], [{"kind": "ServiceAccount", "name": service_account, "namespace": ns}], "ClusterRoleBinding subjects")
+    if watch:
+        hooks = (config or {}).get("webhooks") or [{}]
+        nsel = hooks[0].get("namespaceSelector", {})
+        expect({"key": "kubernetes.io/metadata.name", "operator": "In", "values": watch} in nsel.get("matchExpressions", []),
+               "the webhook's namespaceSelector is not limited to operator.watchNamespaces")
+    env_watch = values_env.get("WARREN_WATCH_NAMESPACES")
+    expect.equal(env_watch, ",".join(watch), "WARREN_WATCH_NAMESPACES vs operator.watchNamespaces")
 
     # injection.yaml.
     injection_path = values_env.get("WARREN_INJECTION_CONFIG", "")

@@ -1,8 +1,10 @@
 //! The Kubernetes controller: reconciles ReliableQueues into broker
 //! topology and reports what it found.
 //!
-//! - Watches ReliableQueues, the RetryPolicies they refer to (a policy change
-//!   re-reconciles every queue using it) and the Secrets they refer to.
+//! - Watches ReliableQueues and the RetryPolicies they refer to (a policy
+//!   change re-reconciles every queue using it). A status write does not
+//!   trigger a reconcile (see [`trigger_hash`]); Secrets are read, never
+//!   listed or watched.
 //! - Each reconcile resolves the broker Secret and the RetryPolicy, plans,
 //!   applies through the management API and writes the status with
 //!   server-side apply (field manager `warren-operator`): conditions
@@ -26,7 +28,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use warren_crds::reliable_queue::{
@@ -141,20 +143,6 @@ pub fn queues_using_policy(
         .filter(|q| {
             q.namespace() == policy.namespace()
                 && q.spec.retry_policy_ref.as_deref() == Some(policy.name_any().as_str())
-        })
-        .map(|q| ObjectRef::from_obj(q.as_ref()))
-        .collect()
-}
-
-/// The ReliableQueues that refer to `secret`.
-pub fn queues_using_secret(
-    queues: &[Arc<ReliableQueue>],
-    secret: &Secret,
-) -> Vec<ObjectRef<ReliableQueue>> {
-    queues
-        .iter()
-        .filter(|q| {
-            q.namespace() == secret.namespace() && q.spec.broker.secret_name == secret.name_any()
         })
         .map(|q| ObjectRef::from_obj(q.as_ref()))
         .collect()
@@ -452,18 +440,23 @@ async fn apply(rq: Arc<ReliableQueue>, ctx: &Context) -> Result<Action, Error> {
         .iter()
         .find(|c| c.kind == "Ready")
         .cloned();
-    let api: Api<ReliableQueue> = Api::namespaced(ctx.client.clone(), &ns);
-    let patch = json!({
-        "apiVersion": "warren.dev/v1alpha1",
-        "kind": "ReliableQueue",
-        "status": status,
-    });
-    api.patch_status(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    // Written only when it changed: an unchanged status costs no API
+    // write (and, with `trigger_hash`, no status write causes a reconcile).
+    if rq.status.as_ref() != Some(&status) {
+        let api: Api<ReliableQueue> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = json!({
+            "apiVersion": "warren.dev/v1alpha1",
+            "kind": "ReliableQueue",
+            "status": status,
+        });
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+        ctx.metrics.status_writes.inc();
+    }
     let is_ready = ready.as_ref().is_some_and(|c| c.status == "True");
     if let Some(c) = ready.filter(|c| was.as_deref() != Some(c.status.as_str())) {
         let event = Event {
@@ -497,7 +490,9 @@ pub const MAX_RETRY: Duration = Duration::from_secs(300);
 
 /// When to look again at a queue that is not ready: `retry`, growing with
 /// the length of a broker outage (half the time it has lasted, at most
-/// [`MAX_RETRY`]), so a long outage is not hammered.
+/// [`MAX_RETRY`]), so a long outage is not hammered. Other failures (a
+/// missing Secret, a conflict) are looked at again after `retry`: Secrets
+/// are not watched, so this is how a Secret created later is found.
 pub fn retry_after(
     status: &ReliableQueueStatus,
     now: std::time::SystemTime,
@@ -506,7 +501,9 @@ pub fn retry_after(
     let down_since = status
         .conditions
         .iter()
-        .find(|c| c.kind == "BrokerReachable" && c.status == "False")
+        .find(|c| {
+            c.kind == "BrokerReachable" && c.status == "False" && c.reason == "BrokerUnreachable"
+        })
         .and_then(|c| c.last_transition_time.as_deref())
         .and_then(|t| humantime::parse_rfc3339(t).ok());
     match down_since.and_then(|t| now.duration_since(t).ok()) {
@@ -574,31 +571,120 @@ fn truncate(s: &str, max: usize) -> String {
     format!("{}…", &s[..end])
 }
 
-/// Starts the controller; returns when `shutdown` resolves.
+/// What re-triggers a reconcile of a ReliableQueue: a change of its spec
+/// (generation), of its annotations (`warren.dev/force-delete`), of its
+/// finalizers, or its deletion. Writing its status changes none of them,
+/// so a status write never triggers the next reconcile; live counts are
+/// refreshed on the re-check interval.
+pub fn trigger_hash(rq: &ReliableQueue) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let meta = &rq.metadata;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    meta.generation.hash(&mut h);
+    meta.deletion_timestamp.is_some().hash(&mut h);
+    meta.annotations.hash(&mut h);
+    meta.finalizers.hash(&mut h);
+    Some(h.finish())
+}
+
+/// Where the operator works: every namespace, or the listed ones (the
+/// chart's `watchNamespaces`, with namespaced Roles instead of a
+/// ClusterRole).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Scope {
+    #[default]
+    Cluster,
+    Namespaces(Vec<String>),
+}
+
+impl Scope {
+    /// From a comma- or space-separated list; empty means the cluster.
+    pub fn parse(list: &str) -> Scope {
+        let names: Vec<String> = list
+            .split([',', ' ', '\n'])
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if names.is_empty() {
+            Scope::Cluster
+        } else {
+            Scope::Namespaces(names)
+        }
+    }
+
+    /// One `Api` per namespace watched (one cluster-wide `Api` for the
+    /// cluster scope).
+    pub fn apis<K>(&self, client: &kube::Client) -> Vec<Api<K>>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        match self {
+            Scope::Cluster => vec![Api::all(client.clone())],
+            Scope::Namespaces(names) => names
+                .iter()
+                .map(|ns| Api::namespaced(client.clone(), ns))
+                .collect(),
+        }
+    }
+}
+
+/// Starts the controller (one per namespace of `scope`); returns when
+/// `shutdown` resolves. `synced` is set once every controller's cache
+/// holds the ReliableQueues.
+///
+/// Secrets are not watched: the operator may `get` a broker Secret but not
+/// list or watch Secrets. A changed Secret is read at the next reconcile:
+/// within `retry` of a queue that is not ready, `resync` of one that is.
 pub async fn run(
     client: kube::Client,
     ctx: Arc<Context>,
+    scope: Scope,
+    synced: Arc<std::sync::atomic::AtomicBool>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     use futures::StreamExt;
-    use kube::runtime::{Controller, watcher};
-    let queues: Api<ReliableQueue> = Api::all(client.clone());
-    let policies: Api<RetryPolicy> = Api::all(client.clone());
-    let secrets: Api<Secret> = Api::all(client.clone());
-    let controller = Controller::new(queues, watcher::Config::default());
-    let store: Store<ReliableQueue> = controller.store();
-    let store2 = store.clone();
-    controller
-        .watches(policies, watcher::Config::default(), move |p| {
-            queues_using_policy(&store.state(), &p)
-        })
-        .watches(secrets, watcher::Config::default(), move |s| {
-            queues_using_secret(&store2.state(), &s)
-        })
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|_| async {})
-        .await;
+    use futures::future::FutureExt;
+    use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
+    let shutdown = shutdown.shared();
+    let mut controllers = Vec::new();
+    let mut stores = Vec::new();
+    let queue_apis = scope.apis::<ReliableQueue>(&client);
+    let policy_apis = scope.apis::<RetryPolicy>(&client);
+    for (queues, policies) in queue_apis.into_iter().zip(policy_apis) {
+        let (reader, writer) = reflector::store();
+        let trigger = watcher(queues, watcher::Config::default())
+            .default_backoff()
+            .reflect(writer)
+            .applied_objects()
+            .predicate_filter(trigger_hash, Default::default());
+        let store = reader.clone();
+        stores.push(reader.clone());
+        let shutdown = shutdown.clone();
+        let ctx = ctx.clone();
+        controllers.push(
+            Controller::for_stream(trigger, reader)
+                .watches(policies, watcher::Config::default(), move |p| {
+                    queues_using_policy(&store.state(), &p)
+                })
+                .graceful_shutdown_on(shutdown)
+                .run(reconcile, error_policy, ctx)
+                .for_each(|_| async {}),
+        );
+    }
+    let ready = async move {
+        for store in stores {
+            if store.wait_until_ready().await.is_err() {
+                return;
+            }
+        }
+        synced.store(true, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!("controller caches synced");
+    };
+    futures::future::join(futures::future::join_all(controllers), ready).await;
 }
 
 #[cfg(test)]
@@ -667,6 +753,9 @@ mod tests {
             retry_after(&status("True", "2026-11-21T09:00:00Z"), now, retry),
             retry
         );
+        let mut missing_secret = status("False", "2026-11-21T09:00:00Z");
+        missing_secret.conditions[0].reason = "SecretNotFound".into();
+        assert_eq!(retry_after(&missing_secret, now, retry), retry);
     }
 
     #[test]

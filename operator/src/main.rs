@@ -2,10 +2,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+use futures::FutureExt;
 
 use clap::{Parser, Subcommand};
 use warren_operator::apply::Broker;
+use warren_operator::controller::Scope;
 use warren_operator::inject::InjectionConfig;
 use warren_operator::manifests::{BrokerUrl, Manifests};
 use warren_operator::plan;
@@ -18,6 +22,10 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+/// How long SIGTERM waits for running reconciles and for the Lease to be
+/// given up.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
@@ -43,6 +51,11 @@ enum Command {
         /// This replica's identity in the Lease.
         #[arg(long, env = "POD_NAME", default_value = "warren-operator")]
         identity: String,
+        /// Namespaces to work in (comma-separated); empty: every namespace.
+        /// The chart's `watchNamespaces` sets it and grants namespaced Roles
+        /// in those namespaces only.
+        #[arg(long, env = "WARREN_WATCH_NAMESPACES", default_value = "")]
+        watch_namespaces: String,
         #[command(flatten)]
         webhook: WebhookArgs,
     },
@@ -129,6 +142,7 @@ fn main() -> ExitCode {
             retry,
             lease_namespace,
             identity,
+            watch_namespaces,
             webhook,
         } => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
@@ -139,6 +153,7 @@ fn main() -> ExitCode {
                     retry,
                     lease_namespace,
                     identity,
+                    Scope::parse(&watch_namespaces),
                     webhook,
                 ))
             })
@@ -258,12 +273,53 @@ async fn apply(
     })
 }
 
+/// SIGTERM (the operator is PID 1 in its image) or SIGINT.
+async fn terminated() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGTERM; only SIGINT stops the operator");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// What `/readyz` waits for: the webhook's certificate, and on the leader
+/// the controller's caches.
+#[derive(Default)]
+struct Readiness {
+    certificate: AtomicBool,
+    leader: AtomicBool,
+    synced: Arc<AtomicBool>,
+}
+
+impl Readiness {
+    /// `Ok` when ready, else what is missing.
+    fn check(&self) -> Result<(), &'static str> {
+        if !self.certificate.load(Ordering::SeqCst) {
+            return Err("the webhook certificate is not loaded yet");
+        }
+        if self.leader.load(Ordering::SeqCst) && !self.synced.load(Ordering::SeqCst) {
+            return Err("the controller's caches have not synced yet");
+        }
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn run(
     admin_listen: SocketAddr,
     resync: Duration,
     retry: Duration,
     lease_namespace: String,
     identity: String,
+    scope: Scope,
     webhook: WebhookArgs,
 ) -> anyhow::Result<()> {
     use kube::runtime::events::{Recorder, Reporter};
@@ -280,34 +336,42 @@ async fn run(
     let client = kube::Client::try_default().await?;
     let metrics = Arc::new(Metrics::new());
     let injection = InjectionConfig::load(&webhook.injection_config)?;
-
-    // Every replica answers admissions; only the leader reconciles.
-    let injector = Arc::new(warren_operator::admission::PodInjector::new(
-        client.clone(),
-        injection.clone(),
-    ));
-    let handler: warren_operator::webhook::Handler = Arc::new(move |request| {
-        let injector = injector.clone();
-        Box::pin(async move { injector.admit(request).await })
+    let readiness = Arc::new(Readiness::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        terminated().await;
+        tracing::info!("terminating");
+        let _ = stop_tx.send(true);
     });
-    let _webhook = warren_operator::webhook::start_webhook(
-        warren_operator::webhook::WebhookSettings::new(
-            webhook.webhook_listen,
-            webhook.webhook_cert_dir.clone(),
-            webhook.webhook_service.clone(),
-            lease_namespace.clone(),
-            webhook.webhook_config.clone(),
-        ),
-        client.clone(),
-        handler,
-    )
-    .await?;
-    let pool_interval = webhook.pool_interval;
+    let stopped = {
+        let stop_rx = stop_rx.clone();
+        move || {
+            let mut stop = stop_rx.clone();
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }
+        }
+    };
+
+    // Liveness first: /healthz answers while the rest starts; /readyz
+    // says what it waits for.
     let admin = {
         let metrics = metrics.clone();
+        let readiness = readiness.clone();
         axum::Router::new()
             .route("/healthz", axum::routing::get(|| async { "ok" }))
-            .route("/readyz", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/readyz",
+                axum::routing::get(move || {
+                    let readiness = readiness.clone();
+                    async move {
+                        match readiness.check() {
+                            Ok(()) => (axum::http::StatusCode::OK, "ok"),
+                            Err(why) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, why),
+                        }
+                    }
+                }),
+            )
             .route(
                 "/metrics",
                 axum::routing::get(move || {
@@ -320,6 +384,32 @@ async fn run(
     tokio::spawn(async move {
         let _ = axum::serve(listener, admin).await;
     });
+
+    // Every replica answers admissions; only the leader reconciles.
+    let injector = Arc::new(warren_operator::admission::PodInjector::new(
+        client.clone(),
+        injection.clone(),
+    ));
+    let handler: warren_operator::webhook::Handler = Arc::new(move |request| {
+        let injector = injector.clone();
+        Box::pin(async move { injector.admit(request).await })
+    });
+    let _webhook = tokio::select! {
+        started = warren_operator::webhook::start_webhook(
+            warren_operator::webhook::WebhookSettings::new(
+                webhook.webhook_listen,
+                webhook.webhook_cert_dir.clone(),
+                webhook.webhook_service.clone(),
+                lease_namespace.clone(),
+                webhook.webhook_config.clone(),
+            ),
+            client.clone(),
+            handler,
+        ) => started?,
+        () = stopped() => return Ok(()),
+    };
+    readiness.certificate.store(true, Ordering::SeqCst);
+    let pool_interval = webhook.pool_interval;
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -341,46 +431,85 @@ async fn run(
         .with_grace(5)
         .build()
         .await?;
-    let (mut leader, _lease) = manager.watch().await;
+    let (mut leader, lease_task) = manager.watch().await;
     tracing::info!("warren-operator started; waiting for the leader lease");
     loop {
-        while !*leader.borrow_and_update() {
+        let stop_now = loop {
+            if *leader.borrow_and_update() {
+                break false;
+            }
             tokio::select! {
                 changed = leader.changed() => changed?,
-                _ = tokio::signal::ctrl_c() => return Ok(()),
+                () = stopped() => break true,
             }
+        };
+        if stop_now {
+            break;
         }
         tracing::info!("leader lease acquired; reconciling");
         metrics.leader.set(1);
+        readiness.synced.store(false, Ordering::SeqCst);
+        readiness.leader.store(true, Ordering::SeqCst);
+        // The leader's work ends when the lease is lost or on SIGTERM.
         let mut watch = leader.clone();
-        let lost = async move {
-            while watch.changed().await.is_ok() {
-                if !*watch.borrow() {
-                    break;
+        let stop_signal = stopped();
+        let end = async move {
+            let lost = async move {
+                while watch.changed().await.is_ok() {
+                    if !*watch.borrow() {
+                        break;
+                    }
                 }
+            };
+            tokio::select! {
+                () = lost => {}
+                () = stop_signal => {}
             }
-        };
+        }
+        .shared();
         let keeper = warren_operator::pool::PoolKeeper {
             client: client.clone(),
             config: injection.clone(),
+            scope: scope.clone(),
         };
-        let lost = async move {
-            // The outbox claim keeper runs beside the controller, as long
-            // as the lease is held.
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let keeper = tokio::spawn(keeper.run(pool_interval, async move {
-                let _ = stopped.await;
-            }));
-            lost.await;
-            let _ = stop.send(());
-            let _ = keeper.await;
-        };
+        // The outbox claim keeper runs beside the controller, as long as
+        // the lease is held.
+        let keeper = tokio::spawn(keeper.run(pool_interval, end.clone()));
+        let work = controller::run(
+            client.clone(),
+            ctx.clone(),
+            scope.clone(),
+            readiness.synced.clone(),
+            end,
+        );
+        let stop_signal = stopped();
         tokio::select! {
-            () = controller::run(client.clone(), ctx.clone(), lost) => {
-                tracing::warn!("leader lease lost; standing by");
-            }
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            () = work => {}
+            // A reconcile stuck on an unresponsive broker does not hold up
+            // the exit: it is abandoned (the next leader repeats it).
+            () = async move {
+                stop_signal.await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => tracing::warn!("reconciles still running at shutdown; abandoned"),
         }
+        keeper.abort();
+        let _ = keeper.await;
         metrics.leader.set(0);
+        readiness.leader.store(false, Ordering::SeqCst);
+        if *stop_rx.borrow() {
+            break;
+        }
+        tracing::warn!("leader lease lost; standing by");
     }
+    // Dropping the last receiver makes the lease manager give the Lease
+    // up at once, so another replica takes over without waiting for it to
+    // expire.
+    drop(leader);
+    match tokio::time::timeout(SHUTDOWN_GRACE, lease_task).await {
+        Ok(Ok(Ok(_))) => tracing::info!("leader lease released"),
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "releasing the leader lease failed"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "the lease task failed"),
+        Err(_) => tracing::warn!("releasing the leader lease timed out"),
+    }
+    Ok(())
 }

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub reconcile_duration: Histogram,
     /// 1 while this replica holds the leader lease.
     pub leader: Gauge,
+    /// Status writes (server-side apply) of ReliableQueues.
+    pub status_writes: Counter,
 }
 
 impl Default for Metrics {
@@ -44,6 +46,7 @@ impl Metrics {
             reconcile_errors: Family::default(),
             reconcile_duration: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             leader: Gauge::default(),
+            status_writes: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -65,6 +68,11 @@ impl Metrics {
             "leader",
             "1 while this replica is the leader",
             m.leader.clone(),
+        );
+        registry.register(
+            "status_writes",
+            "ReliableQueue status writes",
+            m.status_writes.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -586,6 +586,8 @@ pub fn drain_job(claim: &PersistentVolumeClaim, config: &InjectionConfig) -> Job
 pub struct PoolKeeper {
     pub client: Client,
     pub config: InjectionConfig,
+    /// The namespaces whose claims it looks after.
+    pub scope: crate::controller::Scope,
 }
 
 impl PoolKeeper {
@@ -624,24 +626,35 @@ impl PoolKeeper {
         Ok(out)
     }
 
+    /// The objects of kind `K` selected by `params` in the keeper's scope.
+    async fn list<K>(&self, params: &ListParams) -> Result<Vec<K>, kube::Error>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        let mut out = Vec::new();
+        for api in self.scope.apis::<K>(&self.client) {
+            out.extend(api.list(params).await?.items);
+        }
+        Ok(out)
+    }
+
     /// One pass: plans and carries out the actions; returns them.
     pub async fn run_once(&self, now: Timestamp) -> Result<Vec<PoolAction>, kube::Error> {
         let managed = ListParams::default().labels(&format!("{MANAGED_BY}={MANAGER}"));
-        let claims = Api::<PersistentVolumeClaim>::all(self.client.clone())
-            .list(&managed)
-            .await?
-            .items;
+        let claims: Vec<PersistentVolumeClaim> = self.list(&managed).await?;
         if claims.is_empty() {
             return Ok(Vec::new());
         }
-        let pods = Api::<Pod>::all(self.client.clone())
+        let pods: Vec<Pod> = self
             .list(&ListParams::default().labels(CLAIM_LABEL))
-            .await?
-            .items;
-        let jobs = Api::<Job>::all(self.client.clone())
+            .await?;
+        let jobs: Vec<Job> = self
             .list(&ListParams::default().labels(DRAIN_LABEL))
-            .await?
-            .items;
+            .await?;
         let replicas = self.replicas(&claims).await?;
         let actions = plan_pools(
             &claims,

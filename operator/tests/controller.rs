@@ -405,9 +405,34 @@ fn a_policy_change_reaches_every_queue_using_it() {
         .map(|r| r.name)
         .collect();
     assert_eq!(hit, ["a", "c"]);
-    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
-        "metadata": {"name": "rabbit", "namespace": "shop"}
-    }))
-    .unwrap();
-    assert_eq!(controller::queues_using_secret(&queues, &secret).len(), 4);
+}
+
+#[test]
+fn a_status_write_does_not_trigger_a_reconcile_but_a_spec_change_does() {
+    let base = queue(json!({"metadata": {"name": "orders", "namespace": "shop"}}));
+    let hash = controller::trigger_hash;
+    let mut status_only = base.clone();
+    status_only.status = Some(
+        serde_json::from_value(json!({
+            "observedGeneration": 3, "counts": {"ready": 41, "consumers": 1, "parked": 0}
+        }))
+        .unwrap(),
+    );
+    status_only.metadata.resource_version = Some("8".into());
+    assert_eq!(hash(&base), hash(&status_only), "counts changed");
+    let mut spec = base.clone();
+    spec.metadata.generation = Some(4);
+    assert_ne!(hash(&base), hash(&spec), "generation");
+    let mut annotated = base.clone();
+    annotated.metadata.annotations =
+        Some([("warren.dev/force-delete".to_string(), "true".to_string())].into());
+    assert_ne!(hash(&base), hash(&annotated), "force-delete");
+    let mut finalized = base.clone();
+    finalized.metadata.finalizers = Some(vec![controller::FINALIZER.into()]);
+    assert_ne!(hash(&base), hash(&finalized), "finalizer added");
+    let mut deleted = base.clone();
+    deleted.metadata.deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    assert_ne!(hash(&base), hash(&deleted), "deletion");
 }

@@ -280,6 +280,7 @@ async fn an_orphan_claim_is_drained_by_a_job_and_then_the_pool_shrinks() {
     );
     let (client, _server) = api.client();
     let keeper = PoolKeeper {
+        scope: Default::default(),
         client,
         config: InjectionConfig::default(),
     };
@@ -393,6 +394,7 @@ async fn a_failed_drain_keeps_the_claim() {
     );
     let (client, _server) = api.client();
     let keeper = PoolKeeper {
+        scope: Default::default(),
         client,
         config: InjectionConfig::default(),
     };

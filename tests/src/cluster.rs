@@ -658,6 +658,22 @@ impl ControlPlane {
         self.procs.iter().map(|p| (p.name, p.pid)).collect()
     }
 
+    /// Sends `signal` (e.g. `libc::SIGSTOP`, `libc::SIGCONT`) to one of
+    /// the control plane's processes: `etcd`, `kube-apiserver` or
+    /// `kube-controller-manager`.
+    pub fn signal(&self, name: &str, signal: i32) -> anyhow::Result<()> {
+        let p = self
+            .procs
+            .iter()
+            .find(|p| p.name == name && p.child.is_some())
+            .with_context(|| format!("no running {name}"))?;
+        // SAFETY: the child is not reaped yet, so its pid is ours.
+        if unsafe { libc::kill(p.pid as libc::pid_t, signal) } != 0 {
+            anyhow::bail!("kill {signal} {name}: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     fn kill_all(&mut self) {
         // The controller manager first, etcd last: nobody logs a storm of
         // connection errors on the way down.

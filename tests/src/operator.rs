@@ -129,11 +129,25 @@ impl OperatorProcess {
     /// Start `warren-operator run` with the environment of the chart's
     /// Deployment, authenticated as the chart's ServiceAccount, its webhook
     /// on 127.0.0.1:`webhook_port`. `extra_env` comes last (overrides).
-    pub async fn start(
+    /// Returns at once; [`OperatorProcess::start`] waits for `/healthz`.
+    pub async fn spawn(
         plane: &ControlPlane,
         identity: &str,
         webhook_port: u16,
         extra_env: &[(&str, &str)],
+    ) -> anyhow::Result<OperatorProcess> {
+        Self::spawn_with(plane, identity, webhook_port, extra_env, || Ok(())).await
+    }
+
+    /// [`OperatorProcess::spawn`], calling `before_launch` once everything
+    /// it reads from the API server has been read, right before the
+    /// process starts (to freeze the API server under a starting operator).
+    pub async fn spawn_with(
+        plane: &ControlPlane,
+        identity: &str,
+        webhook_port: u16,
+        extra_env: &[(&str, &str)],
+        before_launch: impl FnOnce() -> anyhow::Result<()>,
     ) -> anyhow::Result<OperatorProcess> {
         let dir = tempfile::Builder::new()
             .prefix("warren-operator-")
@@ -197,16 +211,61 @@ impl OperatorProcess {
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
+        before_launch()?;
         let child = spawn_tied_to_process(cmd).context("starting warren-operator run")?;
-        let mut op = OperatorProcess {
+        Ok(OperatorProcess {
             identity: identity.to_string(),
             child: Some(child),
             log,
             admin_port,
             _dir: dir,
-        };
+        })
+    }
+
+    /// [`OperatorProcess::spawn`], then wait until `/healthz` answers.
+    pub async fn start(
+        plane: &ControlPlane,
+        identity: &str,
+        webhook_port: u16,
+        extra_env: &[(&str, &str)],
+    ) -> anyhow::Result<OperatorProcess> {
+        let mut op = Self::spawn(plane, identity, webhook_port, extra_env).await?;
         op.wait_healthy(Duration::from_secs(60)).await?;
         Ok(op)
+    }
+
+    /// `GET /readyz`: its status code and body.
+    pub async fn readyz(&self) -> anyhow::Result<(u16, String)> {
+        let r = reqwest::get(format!("{}/readyz", self.admin_url())).await?;
+        Ok((r.status().as_u16(), r.text().await?))
+    }
+
+    /// SIGTERM, as the kubelet stops a container; waits up to `timeout`
+    /// for the exit and returns how long it took and the exit status.
+    pub fn terminate(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<(Duration, std::process::ExitStatus)> {
+        let mut child = self.child.take().context("the operator is not running")?;
+        let started = Instant::now();
+        // SAFETY: kill(2) on the pid of a child this process has not reaped.
+        if unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) } != 0 {
+            bail!("kill -TERM: {}", std::io::Error::last_os_error());
+        }
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok((started.elapsed(), status));
+            }
+            if started.elapsed() > timeout {
+                child.kill()?;
+                child.wait()?;
+                bail!(
+                    "warren-operator still running {timeout:?} after SIGTERM:\n{}",
+                    tail_lines(&self.log, 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     async fn wait_healthy(&mut self, timeout: Duration) -> anyhow::Result<()> {

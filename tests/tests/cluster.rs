@@ -12,9 +12,11 @@
 //! (Go is installed), and says so when it skips it.
 
 use std::collections::BTreeSet;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use serde_json::Value;
 use warren_testkit::cluster::ControlPlane;
 use warren_testkit::operator::{
@@ -33,6 +35,24 @@ fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<T,
                 panic!("timed out after {timeout:?} waiting for {what}; last: {last}")
             }
             Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}
+
+/// Like [`eventually`], for async checks.
+async fn eventually_async<T, E: std::fmt::Debug, F: std::future::Future<Output = Result<T, E>>>(
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(last) if Instant::now() > deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last: {last:?}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
         }
     }
 }
@@ -820,4 +840,505 @@ fn scripts_cluster_up_and_down() {
         );
     }
     assert!(!dir.exists(), "scripts/cluster down removes its directory");
+}
+
+/// `kubectl auth can-i --list -n NS` as the operator's ServiceAccount, as
+/// `resource [names] verb` lines (one per verb; the permissions every
+/// authenticated user has are left out).
+fn operator_permissions(plane: &ControlPlane, ns: &str) -> BTreeSet<String> {
+    let out = plane
+        .kubectl_ok(&[
+            "auth",
+            "can-i",
+            "--list",
+            "-n",
+            ns,
+            &format!("--as=system:serviceaccount:{NAMESPACE}:warren"),
+        ])
+        .expect("kubectl auth can-i --list");
+    let mut rows = BTreeSet::new();
+    for line in out.lines().skip(1) {
+        // Non-resource URLs are indented (no resource column).
+        if line.starts_with(char::is_whitespace) {
+            continue;
+        }
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let resource = fields[0];
+        if resource.starts_with("selfsubject") {
+            continue; // system:basic-user
+        }
+        let rest = fields[1..].join(" ");
+        let groups: Vec<&str> = rest
+            .split(']')
+            .map(|g| g.trim().trim_start_matches('['))
+            .collect();
+        // [non-resource URLs] [resource names] [verbs]
+        let names = groups.get(1).copied().unwrap_or("");
+        for verb in groups.get(2).copied().unwrap_or("").split_whitespace() {
+            rows.insert(format!("{resource} [{names}] {verb}"));
+        }
+    }
+    rows
+}
+
+/// What the operator's code does in a namespace it works in: every verb
+/// it calls, and nothing else.
+fn namespaced_permissions() -> BTreeSet<String> {
+    [
+        ("reliablequeues.warren.dev", "get list watch patch"),
+        ("retrypolicies.warren.dev", "get list watch"),
+        ("reliablequeues.warren.dev/status", "patch"),
+        ("retrypolicies.warren.dev/status", "patch"),
+        ("secrets", "get"),
+        ("events.events.k8s.io", "create patch"),
+        ("pods", "list"),
+        ("persistentvolumeclaims", "get list create patch delete"),
+        ("jobs.batch", "list create"),
+        ("deployments.apps", "get"),
+        ("statefulsets.apps", "get"),
+    ]
+    .iter()
+    .flat_map(|(resource, verbs)| {
+        verbs
+            .split_whitespace()
+            .map(move |v| format!("{resource} [] {v}"))
+    })
+    .collect()
+}
+
+/// The cluster-scoped rights: the release's webhook configuration by name.
+fn webhook_config_permissions() -> BTreeSet<String> {
+    ["get", "patch"]
+        .iter()
+        .map(|v| format!("mutatingwebhookconfigurations.admissionregistration.k8s.io [warren] {v}"))
+        .collect()
+}
+
+/// The release namespace's extras: the Lease and the webhook CA Secret.
+fn release_namespace_permissions() -> BTreeSet<String> {
+    [
+        "leases.coordination.k8s.io [] get",
+        "leases.coordination.k8s.io [] create",
+        "leases.coordination.k8s.io [] patch",
+        "secrets [] create",
+        "secrets [warren-ca] get",
+        "secrets [warren-ca] update",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn assert_permissions(actual: BTreeSet<String>, expected: BTreeSet<String>, what: &str) {
+    let extra: Vec<&String> = actual.difference(&expected).collect();
+    let missing: Vec<&String> = expected.difference(&actual).collect();
+    assert!(
+        extra.is_empty() && missing.is_empty(),
+        "{what}: the chart grants permissions the operator does not use: {extra:#?}\n\
+         or lacks ones it uses: {missing:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_holds_exactly_the_permissions_it_uses() {
+    let plane = start_plane();
+    let installed = install_chart(&plane, &[]).expect("helm install");
+    let node = tokio::task::block_in_place(RabbitNode::start).expect("rabbitmq node");
+
+    // Every namespace (the default): a ClusterRole with what the code uses.
+    let everywhere = &namespaced_permissions() | &webhook_config_permissions();
+    for ns in ["shop", "default"] {
+        assert_permissions(
+            operator_permissions(&plane, ns),
+            everywhere.clone(),
+            &format!("cluster-wide, namespace {ns}"),
+        );
+    }
+    assert_permissions(
+        operator_permissions(&plane, NAMESPACE),
+        &everywhere | &release_namespace_permissions(),
+        "cluster-wide, the release namespace",
+    );
+    // Secrets are read by name, never listed: `get` without `list`.
+    let list_secrets = plane
+        .kubectl()
+        .args([
+            "auth",
+            "can-i",
+            "list",
+            "secrets",
+            "--all-namespaces",
+            &format!("--as=system:serviceaccount:{NAMESPACE}:warren"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&list_secrets.stdout).trim(),
+        "no",
+        "the operator must not list Secrets"
+    );
+
+    // watchNamespaces: Roles in the listed namespaces, nothing elsewhere.
+    plane
+        .helm_ok(&[
+            "upgrade",
+            "warren",
+            &repo_root().join("charts/warren").display().to_string(),
+            "-n",
+            NAMESPACE,
+            "--reuse-values",
+            "--set",
+            "operator.watchNamespaces={shop}",
+            "--wait=false",
+        ])
+        .expect("helm upgrade with watchNamespaces");
+    plane.apply_yaml(&broker_secret("shop", &node)).unwrap();
+    plane.apply_yaml(&broker_secret("other", &node)).unwrap();
+    assert_permissions(
+        operator_permissions(&plane, "shop"),
+        &namespaced_permissions() | &webhook_config_permissions(),
+        "watchNamespaces, a listed namespace",
+    );
+    assert_permissions(
+        operator_permissions(&plane, "other"),
+        webhook_config_permissions(),
+        "watchNamespaces, a namespace not listed",
+    );
+    let webhook = get_json(&plane, &["get", "mutatingwebhookconfiguration", "warren"]).unwrap();
+    let selector = webhook["webhooks"][0]["namespaceSelector"].to_string();
+    assert!(
+        selector.contains(r#""operator":"In""#) && selector.contains(r#""shop""#),
+        "the webhook sees only the listed namespaces: {selector}"
+    );
+
+    // The operator works with exactly these rights, in its namespaces only.
+    let operator = OperatorProcess::start(&plane, "op-a", installed.webhook_port.port(), &[])
+        .await
+        .expect("warren-operator run");
+    plane
+        .apply_yaml(&reliable_queue("shop", "orders", &node, ""))
+        .unwrap();
+    plane
+        .apply_yaml(&reliable_queue("other", "stray", &node, ""))
+        .unwrap();
+    wait_ready(&plane, "shop", "orders", Duration::from_secs(120));
+    assert!(broker_queues(&node).await.contains("orders"));
+    std::thread::sleep(Duration::from_secs(5));
+    let stray = get_json(&plane, &["get", "rq", "stray", "-n", "other"]).unwrap();
+    assert!(
+        stray["status"].is_null() && stray["metadata"]["finalizers"].is_null(),
+        "a ReliableQueue outside watchNamespaces is left alone: {stray}"
+    );
+    assert!(!broker_queues(&node).await.contains("stray"));
+    let log = operator.log_tail(400);
+    assert!(
+        !log.contains("forbidden"),
+        "the operator was refused something:\n{log}"
+    );
+}
+
+fn lease_holder(plane: &ControlPlane) -> Result<String, String> {
+    plane
+        .kubectl_ok(&[
+            "get",
+            "lease",
+            "warren-operator",
+            "-n",
+            NAMESPACE,
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+        .map_err(|e| format!("{e:#}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_waits_for_the_api_and_sigterm_gives_up_the_lease_at_once() {
+    let plane = start_plane();
+    let installed = install_chart(&plane, &[]).expect("helm install");
+
+    // Started while the API server does not answer: alive, not ready, and
+    // saying what it waits for.
+    let mut a =
+        OperatorProcess::spawn_with(&plane, "op-a", installed.webhook_port.port(), &[], || {
+            plane.signal("kube-apiserver", libc::SIGSTOP)
+        })
+        .await
+        .expect("warren-operator run");
+    let frozen = async {
+        let (code, body) =
+            eventually_async(Duration::from_secs(30), "/readyz to answer", || a.readyz()).await;
+        assert_eq!(
+            code, 503,
+            "not ready while the API server is frozen: {body}"
+        );
+        assert!(body.contains("certificate"), "{body}");
+        // Still not ready a while later: nothing but the API server can
+        // make it ready.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (code, body) = a.readyz().await.unwrap();
+        assert_eq!(code, 503, "{body}");
+    };
+    let outcome = AssertUnwindSafe(frozen).catch_unwind().await;
+    plane.signal("kube-apiserver", libc::SIGCONT).unwrap();
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+    let mut b = OperatorProcess::start(
+        &plane,
+        "op-b",
+        warren_testkit::reserve_port().unwrap().port(),
+        &[],
+    )
+    .await
+    .expect("operator b");
+    for op in [&a, &b] {
+        eventually_async(Duration::from_secs(60), "/readyz ok", || async {
+            match op.readyz().await {
+                Ok((200, body)) => Ok(body),
+                other => Err(anyhow::anyhow!("{other:?}")),
+            }
+        })
+        .await;
+    }
+    let first = eventually(Duration::from_secs(60), "a lease holder", || {
+        lease_holder(&plane).and_then(|h| {
+            if h.is_empty() {
+                Err("none".into())
+            } else {
+                Ok(h)
+            }
+        })
+    });
+    let (leader, other) = if first == a.identity() {
+        (&mut a, &b)
+    } else {
+        (&mut b, &a)
+    };
+
+    // SIGTERM: the leader stops its controllers, gives the Lease up and
+    // exits promptly, with success.
+    let (took, status) = leader.terminate(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        took < Duration::from_secs(3),
+        "exited {took:?} after SIGTERM"
+    );
+    let right_after = lease_holder(&plane).unwrap();
+    assert_ne!(
+        right_after, first,
+        "the Lease is given up at exit, not left to expire"
+    );
+    let released = Instant::now();
+    eventually(
+        Duration::from_secs(30),
+        "the other replica to lead",
+        || match lease_holder(&plane)? {
+            h if h == other.identity() => Ok(()),
+            h => Err(h),
+        },
+    );
+    eprintln!(
+        "SIGTERM: exited after {took:?}; the other replica led {:?} later",
+        released.elapsed()
+    );
+}
+
+/// An HTTP/1.1 pass-through that counts the requests sent through it.
+struct CountingProxy {
+    port: u16,
+    requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingProxy {
+    async fn start(upstream: std::net::SocketAddr) -> CountingProxy {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = requests.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        // A request line ends in " HTTP/1.1\r\n"; it may
+                        // straddle two reads.
+                        let mut tail: Vec<u8> = Vec::new();
+                        loop {
+                            let n = match cr.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            let mut seen = std::mem::take(&mut tail);
+                            seen.extend_from_slice(&buf[..n]);
+                            let needle = b" HTTP/1.1\r\n";
+                            let count = seen.windows(needle.len()).filter(|w| w == needle).count();
+                            counter.fetch_add(count as u64, Ordering::Relaxed);
+                            let keep = seen.len().min(needle.len() - 1);
+                            tail = seen[seen.len() - keep..].to_vec();
+                            if sw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = sw.shutdown().await;
+                    };
+                    let down = async move {
+                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                        let _ = cw.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                });
+            }
+        });
+        CountingProxy {
+            port,
+            requests,
+            task,
+        }
+    }
+
+    fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// `warren_operator_<name>` summed over its labels, from /metrics.
+async fn operator_metric(op: &OperatorProcess, name: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", op.admin_url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(&format!("warren_operator_{name}")) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reconciles_api_writes_and_management_calls_stay_bounded() {
+    const RESYNC: u64 = 10;
+    const WINDOW: Duration = Duration::from_secs(120);
+    let plane = start_plane();
+    let installed = install_chart(&plane, &["operator.resync=10s"]).expect("helm install");
+    let node = tokio::task::block_in_place(RabbitNode::start).expect("rabbitmq node");
+    let management: std::net::SocketAddr = node
+        .management_url()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("the management address");
+    let proxy = CountingProxy::start(management).await;
+    let operator = OperatorProcess::start(&plane, "op-a", installed.webhook_port.port(), &[])
+        .await
+        .expect("warren-operator run");
+    let ns = "storm";
+    plane.apply_yaml(&broker_secret(ns, &node)).unwrap();
+    for name in ["idle", "busy"] {
+        let rq = reliable_queue(ns, name, &node, "").replace(
+            &node.management_url(),
+            &format!("http://127.0.0.1:{}", proxy.port),
+        );
+        plane.apply_yaml(&rq).unwrap();
+    }
+    for name in ["idle", "busy"] {
+        wait_ready(&plane, ns, name, Duration::from_secs(120));
+    }
+
+    // Every change of the ReliableQueues, as a watcher sees it.
+    let events_file = tempfile::NamedTempFile::new().unwrap();
+    let mut watch = plane
+        .kubectl()
+        .args([
+            "get",
+            "rq",
+            "-n",
+            ns,
+            "--watch-only",
+            "--output-watch-events",
+            "-o",
+            "name",
+        ])
+        .stdout(events_file.reopen().unwrap())
+        .spawn()
+        .expect("kubectl get --watch");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let reconciles_before = operator_metric(&operator, "reconciliations_total").await;
+    let requests_before = proxy.requests();
+
+    // A steady stream into `busy`: its counts change all the time.
+    let connection = node.amqp_connection().await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let started = Instant::now();
+    let mut published = 0u64;
+    while started.elapsed() < WINDOW {
+        channel
+            .basic_publish(
+                "busy".into(),
+                // The work queue's default binding key: its name.
+                "busy".into(),
+                lapin::options::BasicPublishOptions::default(),
+                b"tick",
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+        published += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reconciles = operator_metric(&operator, "reconciliations_total").await - reconciles_before;
+    let requests = proxy.requests() - requests_before;
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let writes = std::fs::read_to_string(events_file.path())
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("MODIFIED"))
+        .count() as f64;
+    let busy = get_json(&plane, &["get", "rq", "busy", "-n", ns]).unwrap();
+    eprintln!(
+        "over {WINDOW:?} with {published} messages published: {reconciles} reconciles, \
+         {writes} ReliableQueue writes, {requests} management API requests; counts {}",
+        busy["status"]["counts"]
+    );
+    // Each queue is looked at every RESYNC; a little slack for the watch
+    // restarting. A status write that triggered the next reconcile would
+    // give hundreds.
+    let per_queue = (WINDOW.as_secs() / RESYNC + 2) as f64;
+    assert!(
+        reconciles <= 2.0 * per_queue,
+        "{reconciles} reconciles in {WINDOW:?}"
+    );
+    assert!(writes <= 2.0 * per_queue, "{writes} writes in {WINDOW:?}");
+    assert!(
+        reconciles >= 2.0 * (WINDOW.as_secs() / RESYNC - 2) as f64,
+        "the queues are still re-checked every {RESYNC}s: {reconciles}"
+    );
+    // The management API: what those reconciles need, and no more.
+    let per_reconcile = requests as f64 / reconciles.max(1.0);
+    assert!(
+        per_reconcile < 40.0 && (requests as f64) <= 2.0 * per_queue * 40.0,
+        "{requests} management requests for {reconciles} reconciles"
+    );
+    // The counts are fresh within a re-check interval.
+    let ready = busy["status"]["counts"]["ready"].as_i64().unwrap_or(0) as u64;
+    assert!(
+        ready + 20 * RESYNC * 2 >= published,
+        "counts lag: {ready} of {published}"
+    );
 }
