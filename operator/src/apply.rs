@@ -14,6 +14,14 @@
 //!   broker's own error text, obtained by asking the broker to declare the
 //!   planned object.
 //! - A broker that cannot be reached is an error, never a crash.
+//! - Queues are deleted with the broker's own `if-empty`/`if-unused`, so the
+//!   broker refuses atomically; where it does not implement them (quorum
+//!   queues), only its statistics are read: nothing is ever consumed or
+//!   peeked at, which would count as a delivery.
+//! - Over `https://` the management API's certificate is verified against
+//!   the given CA (else the system's roots); basic-auth credentials are
+//!   never sent over plain HTTP to a broker that says it uses TLS (see
+//!   [`management_url`]), and redirects are not followed.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -27,6 +35,7 @@ use rabbitmq_http_client::requests::{
 use serde_json::{Map, Value};
 use warren_crds::reliable_queue::QueueKind;
 
+use crate::manifests::BrokerUrl;
 use crate::plan::{ExchangeDecl, PolicyDecl, QueueDecl, Role, Topology};
 
 /// A management API client for one broker.
@@ -38,7 +47,21 @@ pub struct Broker {
     http: reqwest::Client,
     username: String,
     password: String,
+    /// How long a quorum queue's counts in the management statistics may
+    /// lag behind the queue ([`STATS_SETTLE`]).
+    stats_settle: Duration,
 }
+
+/// How long after a quorum queue stopped taking messages its counts in
+/// the management statistics are exact: RabbitMQ publishes a quorum
+/// queue's counts every 5 s (`quorum_tick_interval`) and the management
+/// plugin collects them every 5 s (`collect_statistics_interval`), both by
+/// default.
+pub const STATS_SETTLE: Duration = Duration::from_secs(12);
+
+/// Name prefix of the policies that fence a quorum queue being deleted
+/// (not `warren.`, so that no queue's own policy can be named so).
+pub const FENCE_PREFIX: &str = "warren-deleting.";
 
 /// What the broker said, or why it could not be asked.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +72,15 @@ pub enum BrokerError {
     Refused { what: String, message: String },
     #[error("invalid management URL {0:?}: {1}")]
     InvalidUrl(String, String),
+    #[error(
+        "management URL {url} is plain HTTP, but the broker uses TLS ({why}): \
+         its credentials are not sent unencrypted; use an https:// management URL"
+    )]
+    InsecureUrl { url: String, why: String },
+    #[error("TLS with the management API {endpoint} failed: {message}")]
+    Tls { endpoint: String, message: String },
+    #[error("invalid CA certificate: {0}")]
+    InvalidCa(String),
 }
 
 impl BrokerError {
@@ -58,6 +90,9 @@ impl BrokerError {
             BrokerError::Unreachable { .. } => "BrokerUnreachable",
             BrokerError::Refused { .. } => "BrokerRefused",
             BrokerError::InvalidUrl(..) => "InvalidManagementUrl",
+            BrokerError::InsecureUrl { .. } => "InsecureManagementUrl",
+            BrokerError::Tls { .. } => "BrokerTlsFailed",
+            BrokerError::InvalidCa(_) => "InvalidCaCertificate",
         }
     }
 }
@@ -106,13 +141,38 @@ pub struct Report {
 }
 
 /// What [`Broker::delete_queue_if_empty`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QueueDeletion {
     Deleted,
-    /// It holds messages or has consumers.
-    Kept,
+    /// It holds messages or has consumers: why, in the broker's words
+    /// where it refused the deletion itself.
+    Kept(String),
     /// There was no such queue.
     Missing,
+}
+
+/// The management API URL for a broker: `explicit` (the spec's
+/// `managementUrl`, the CLI's `--management-url`) or the broker's host on
+/// port 15672, or `https://` on 15671 when the broker uses TLS.
+///
+/// A broker that says it uses TLS (an `amqps://` URL, or AMQP port 5671)
+/// with an `http://` management URL is an error: its credentials would go
+/// over the network in clear, and a TLS listener is what the broker's
+/// owner asked for.
+pub fn management_url(explicit: Option<&str>, broker: &BrokerUrl) -> Result<String, BrokerError> {
+    let Some(url) = explicit.map(str::trim) else {
+        return Ok(broker.default_management_url());
+    };
+    let plain = url
+        .get(..7)
+        .is_some_and(|s| s.eq_ignore_ascii_case("http://"));
+    if plain && let Some(why) = broker.tls_reason() {
+        return Err(BrokerError::InsecureUrl {
+            url: url.to_owned(),
+            why,
+        });
+    }
+    Ok(url.to_owned())
 }
 
 /// Live counts of a ReliableQueue.
@@ -124,36 +184,123 @@ pub struct Counts {
 }
 
 impl Broker {
-    /// A client for the management API at `url` (`http://host:15672`).
+    /// A client for the management API at `url` (`http://host:15672`,
+    /// `https://host:15671`); `https://` certificates are verified against
+    /// the system's roots.
     pub fn new(url: &str, username: &str, password: &str) -> Result<Self, BrokerError> {
+        Self::with_ca(url, username, password, None)
+    }
+
+    /// A client for the management API at `url`; with `ca_pem` (one or
+    /// more PEM certificates), an `https://` URL's certificate must chain
+    /// to one of them, and only to them.
+    pub fn with_ca(
+        url: &str,
+        username: &str,
+        password: &str,
+        ca_pem: Option<&str>,
+    ) -> Result<Self, BrokerError> {
+        let invalid = |e: String| BrokerError::InvalidUrl(url.to_owned(), e);
+        let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+        if !matches!(scheme.as_deref(), Some("http" | "https")) {
+            return Err(invalid("use http:// or https://".into()));
+        }
         let endpoint = format!("{}/api", url.trim_end_matches('/'));
+        let mut http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(15))
+            // A redirect could take the credentials elsewhere, or to
+            // plain HTTP.
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(pem) = ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+                .map_err(|e| BrokerError::InvalidCa(error_chain(&e)))?;
+            if certs.is_empty() {
+                return Err(BrokerError::InvalidCa(
+                    "no PEM certificate (-----BEGIN CERTIFICATE-----) in it".into(),
+                ));
+            }
+            http = http.tls_certs_only(certs);
+        }
+        let http = http.build().map_err(|e| invalid(error_chain(&e)))?;
         let client = ClientBuilder::new()
             .with_endpoint(endpoint.clone())
             .with_basic_auth_credentials(username.to_owned(), password.to_owned())
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_request_timeout(Duration::from_secs(15))
+            .with_client(http.clone())
             .build()
-            .map_err(|e| BrokerError::InvalidUrl(url.to_owned(), e.to_string()))?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(15))
-            .build()
-            .map_err(|e| BrokerError::InvalidUrl(url.to_owned(), e.to_string()))?;
+            .map_err(|e| invalid(e.to_string()))?;
         Ok(Self {
             client,
             endpoint,
             http,
             username: username.to_owned(),
             password: password.to_owned(),
+            stats_settle: STATS_SETTLE,
         })
     }
 
-    /// Deletes a queue only if it is empty and unused: no message ready
-    /// (looked at with a peek that returns what it sees to the queue, since
-    /// the management statistics lag by seconds), and neither messages nor
-    /// consumers in the statistics. Quorum queues refuse `queue.delete`
-    /// with `if-empty`, hence the peek.
+    /// Another [`STATS_SETTLE`], for a broker whose intervals differ.
+    pub fn with_stats_settle(mut self, settle: Duration) -> Self {
+        self.stats_settle = settle;
+        self
+    }
+
+    /// Deletes a queue only if it is empty and unused, letting the broker
+    /// decide: `DELETE /api/queues/{vhost}/{name}?if-empty=true&if-unused=true`,
+    /// which it refuses atomically (classic queues). Quorum queues do not
+    /// implement these flags (RabbitMQ refuses them as not supported, empty
+    /// or not); for them the broker's statistics decide (messages and
+    /// consumers), which are exact only once the queue has been
+    /// [fenced](Broker::fence) for [`STATS_SETTLE`]. Nothing is consumed
+    /// or peeked at: a message handed out and returned counts as a
+    /// delivery of a quorum queue's message, and enough of those
+    /// dead-letter it.
     pub async fn delete_queue_if_empty(
+        &self,
+        vhost: &str,
+        name: &str,
+    ) -> Result<QueueDeletion, BrokerError> {
+        let url = format!(
+            "{}/queues/{}/{}?if-empty=true&if-unused=true",
+            self.endpoint,
+            encode(vhost),
+            encode(name)
+        );
+        let response = self
+            .http
+            .delete(&url)
+            .basic_auth(&self.username, Some(&self.password))
+            .send()
+            .await
+            .map_err(|e| self.transport_error(&e))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(QueueDeletion::Deleted);
+        }
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(QueueDeletion::Missing);
+        }
+        let body = response.text().await.unwrap_or_default();
+        let reason = serde_json::from_str::<Value>(&body)
+            .ok()
+            .and_then(|v| v["reason"].as_str().map(str::to_owned))
+            .unwrap_or(body);
+        if status == reqwest::StatusCode::BAD_REQUEST {
+            if reason.contains("not supported by quorum queues") {
+                return self.delete_quorum_queue_if_empty(vhost, name).await;
+            }
+            if reason.contains("not empty") || reason.contains("in use") {
+                return Ok(QueueDeletion::Kept(reason));
+            }
+        }
+        Err(BrokerError::Refused {
+            what: format!("deleting queue {name}"),
+            message: format!("{status}: {reason}"),
+        })
+    }
+
+    /// The quorum-queue half of [`Broker::delete_queue_if_empty`].
+    async fn delete_quorum_queue_if_empty(
         &self,
         vhost: &str,
         name: &str,
@@ -164,43 +311,10 @@ impl Broker {
             Err(e) => return Err(self.error(format!("queue {name}"), e)),
         };
         if info.message_count > 0 || info.consumer_count > 0 {
-            return Ok(QueueDeletion::Kept);
-        }
-        let url = format!(
-            "{}/queues/{}/{}/get",
-            self.endpoint,
-            encode(vhost),
-            encode(name)
-        );
-        let peek = self
-            .http
-            .post(&url)
-            .basic_auth(&self.username, Some(&self.password))
-            .json(&serde_json::json!({"count": 1, "ackmode": "reject_requeue_true", "encoding": "auto", "truncate": 1}))
-            .send()
-            .await
-            .map_err(|e| BrokerError::Unreachable {
-                endpoint: self.endpoint.clone(),
-                message: error_chain(&e),
-            })?;
-        let status = peek.status();
-        let body = peek.text().await.unwrap_or_default();
-        if !status.is_success() {
-            let reason = serde_json::from_str::<Value>(&body)
-                .ok()
-                .and_then(|v| v["reason"].as_str().map(str::to_owned))
-                .unwrap_or(body);
-            return Err(BrokerError::Refused {
-                what: format!("looking into queue {name}"),
-                message: format!("{status}: {reason}"),
-            });
-        }
-        let seen = serde_json::from_str::<Value>(&body)
-            .ok()
-            .and_then(|v| v.as_array().map(Vec::len))
-            .unwrap_or(1);
-        if seen > 0 {
-            return Ok(QueueDeletion::Kept);
+            return Ok(QueueDeletion::Kept(format!(
+                "holds {} message(s) and has {} consumer(s)",
+                info.message_count, info.consumer_count
+            )));
         }
         self.client
             .delete_queue(vhost, name, true)
@@ -209,16 +323,93 @@ impl Broker {
         Ok(QueueDeletion::Deleted)
     }
 
+    /// Makes quorum queue `name` refuse new messages, so that its count can
+    /// only go down: a policy `warren-deleting.<name>` above Warren's own,
+    /// with Warren's definition for the queue plus `max-length: 0` and
+    /// `overflow: reject-publish` (a publisher's confirm fails, so the
+    /// sidecar keeps the message; dead-lettering into it waits). `Ok(true)`
+    /// when the fence is new: the statistics need [`STATS_SETTLE`] before
+    /// they count what arrived before it.
+    async fn fence(&self, t: &Topology, name: &str) -> Result<bool, BrokerError> {
+        let vhost = t.vhost.as_str();
+        match self.client.get_queue_info(vhost, name).await {
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => return Ok(false),
+            Err(e) => return Err(self.error(format!("queue {name}"), e)),
+        }
+        let fence = format!("{FENCE_PREFIX}{name}");
+        match self.client.get_policy(vhost, &fence).await {
+            Ok(_) => return Ok(false),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(self.error(format!("policy {fence}"), e)),
+        }
+        let own = crate::plan::policy_name(name);
+        let mut definition: Map<String, Value> = t
+            .policies
+            .iter()
+            .find(|p| p.name == own)
+            .map(|p| p.definition.clone().into_iter().collect())
+            .unwrap_or_default();
+        definition.insert("max-length".into(), Value::from(0));
+        definition.insert("overflow".into(), Value::from("reject-publish"));
+        let pattern = crate::plan::exact_pattern(name);
+        let params = PolicyParams {
+            vhost,
+            name: &fence,
+            pattern: &pattern,
+            apply_to: PolicyTarget::Queues,
+            priority: crate::plan::POLICY_PRIORITY + 1,
+            definition,
+        };
+        self.client
+            .declare_policy(&params)
+            .await
+            .map_err(|e| self.error(format!("policy {fence}"), e))?;
+        Ok(true)
+    }
+
+    /// Deletes a policy if it exists; whether it did.
+    async fn delete_policy_if_present(&self, vhost: &str, name: &str) -> Result<bool, BrokerError> {
+        let object = format!("policy {name}");
+        match self.client.get_policy(vhost, name).await {
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => return Ok(false),
+            Err(e) => return Err(self.error(object, e)),
+        }
+        self.client
+            .delete_policy(vhost, name, true)
+            .await
+            .map_err(|e| self.error(object, e))?;
+        Ok(true)
+    }
+
     fn error(&self, what: impl Into<String>, e: HttpClientError) -> BrokerError {
         if e.status_code().is_some() {
             BrokerError::Refused {
                 what: what.into(),
                 message: e.user_message(),
             }
+        } else if let HttpClientError::RequestError { error, .. } = &e {
+            // The library keeps reqwest's error out of `source()`.
+            self.transport_error(error)
+        } else {
+            self.transport_error(&e)
+        }
+    }
+
+    /// A failure to talk to the management API at all: a TLS failure
+    /// (untrusted certificate, wrong name, not TLS) or unreachable.
+    fn transport_error(&self, e: &(dyn std::error::Error + 'static)) -> BrokerError {
+        let message = error_chain(e);
+        if is_tls_error(e) {
+            BrokerError::Tls {
+                endpoint: self.endpoint.clone(),
+                message,
+            }
         } else {
             BrokerError::Unreachable {
                 endpoint: self.endpoint.clone(),
-                message: error_chain(&e),
+                message,
             }
         }
     }
@@ -507,16 +698,31 @@ impl Broker {
         t: &Topology,
         report: &mut Report,
     ) -> Result<(), BrokerError> {
-        for name in self.stale_tiers(t).await? {
+        // Unbound from the retry exchange already; fenced too, so that the
+        // statistics can be waited for.
+        let stale = self.stale_tiers(t).await?;
+        let mut fenced_now = false;
+        for name in &stale {
+            fenced_now |= self.fence(t, name).await?;
+        }
+        if fenced_now {
+            tokio::time::sleep(self.stats_settle).await;
+        }
+        for name in stale {
             let object = format!("queue {name}");
             match self.delete_queue_if_empty(&t.vhost, &name).await? {
                 QueueDeletion::Deleted => report.changes.push(Change::Deleted(object)),
-                QueueDeletion::Kept => report.notes.push(format!(
-                    "{object} is no longer needed but still holds messages; it is removed once they have gone back to {}",
-                    t.queue
-                )),
+                QueueDeletion::Kept(_) => {
+                    report.notes.push(format!(
+                        "{object} is no longer needed but still holds messages; it is removed once they have gone back to {}",
+                        t.queue
+                    ));
+                    continue;
+                }
                 QueueDeletion::Missing => {}
             }
+            self.delete_policy_if_present(&t.vhost, &format!("{FENCE_PREFIX}{name}"))
+                .await?;
         }
         Ok(())
     }
@@ -526,6 +732,25 @@ impl Broker {
         t: &Topology,
         report: &mut Report,
     ) -> Result<(), BrokerError> {
+        // A fence left by an interrupted deletion of a ReliableQueue of the
+        // same name would keep refusing messages.
+        let present = self
+            .client
+            .list_policies_in(&t.vhost)
+            .await
+            .map_err(|e| self.error(format!("policies of vhost {}", t.vhost), e))?;
+        for q in &t.queues {
+            let fence = format!("{FENCE_PREFIX}{}", q.name);
+            if present.iter().any(|p| p.name == fence) {
+                self.client
+                    .delete_policy(&t.vhost, &fence, true)
+                    .await
+                    .map_err(|e| self.error(format!("policy {fence}"), e))?;
+                report
+                    .changes
+                    .push(Change::Deleted(format!("policy {fence}")));
+            }
+        }
         // Warren's policies for this ReliableQueue's queues that the plan
         // no longer has (e.g. the parking lot's after its retention went).
         let ours: Vec<String> = t
@@ -574,34 +799,39 @@ impl Broker {
         })
     }
 
-    /// Removes everything `t` owns (deletionPolicy Delete). The work queue
-    /// and the parking lot are kept while they hold messages, unless
-    /// `force`; what was kept is returned as conflicts.
+    /// Removes everything `t` owns (deletionPolicy Delete). The queues go
+    /// first, each only if empty and unused, unless `force`; quorum queues
+    /// are [fenced](Broker::fence) first. What was kept is returned as
+    /// conflicts, and keeps its policies (dead-lettering to the parking
+    /// lot, the delivery limit) and its fence; everything else goes.
     pub async fn delete(&self, t: &Topology, force: bool) -> Result<Report, BrokerError> {
         let mut report = Report::default();
         let vhost = t.vhost.as_str();
-        for p in &t.policies {
-            let object = format!("policy {}", p.name);
-            match self.client.get_policy(vhost, &p.name).await {
-                Ok(_) => {}
-                Err(e) if e.is_not_found() => continue,
-                Err(e) => return Err(self.error(object, e)),
+        let mut queues: Vec<(String, bool)> = t
+            .queues
+            .iter()
+            .map(|q| (q.name.clone(), q.kind == QueueKind::Quorum))
+            .collect();
+        queues.extend(self.stale_tiers(t).await?.into_iter().map(|n| (n, true)));
+        if !force {
+            let mut fenced_now = false;
+            for (name, quorum) in &queues {
+                if *quorum {
+                    fenced_now |= self.fence(t, name).await?;
+                }
             }
-            self.client
-                .delete_policy(vhost, &p.name, true)
-                .await
-                .map_err(|e| self.error(object.clone(), e))?;
-            report.changes.push(Change::Deleted(object));
+            if fenced_now {
+                tokio::time::sleep(self.stats_settle).await;
+            }
         }
-        let mut queues: Vec<String> = t.queues.iter().map(|q| q.name.clone()).collect();
-        queues.extend(self.stale_tiers(t).await?);
-        for name in queues {
+        let mut kept = Vec::new();
+        for (name, _) in &queues {
             let object = format!("queue {name}");
             let outcome = if force {
-                match self.client.get_queue_info(vhost, &name).await {
+                match self.client.get_queue_info(vhost, name).await {
                     Ok(_) => {
                         self.client
-                            .delete_queue(vhost, &name, true)
+                            .delete_queue(vhost, name, true)
                             .await
                             .map_err(|e| self.error(object.clone(), e))?;
                         QueueDeletion::Deleted
@@ -610,17 +840,33 @@ impl Broker {
                     Err(e) => return Err(self.error(object, e)),
                 }
             } else {
-                self.delete_queue_if_empty(vhost, &name).await?
+                self.delete_queue_if_empty(vhost, name).await?
             };
             match outcome {
                 QueueDeletion::Deleted => report.changes.push(Change::Deleted(object)),
-                QueueDeletion::Kept => report.conflicts.push(Conflict {
-                    object,
-                    message:
-                        "holds messages or has consumers; kept (force the deletion to drop them)"
-                            .into(),
-                }),
+                QueueDeletion::Kept(why) => {
+                    kept.push(name.clone());
+                    report.conflicts.push(Conflict {
+                        object,
+                        message: format!("{why}; kept (force the deletion to drop them)"),
+                    });
+                }
                 QueueDeletion::Missing => {}
+            }
+        }
+        let policies = t
+            .policies
+            .iter()
+            .map(|p| p.name.clone())
+            .chain(queues.iter().map(|(q, _)| format!("{FENCE_PREFIX}{q}")));
+        for name in policies {
+            let of_kept = kept.iter().any(|q| {
+                name == crate::plan::policy_name(q) || name == format!("{FENCE_PREFIX}{q}")
+            });
+            if !of_kept && self.delete_policy_if_present(vhost, &name).await? {
+                report
+                    .changes
+                    .push(Change::Deleted(format!("policy {name}")));
             }
         }
         for ex in t.exchanges.iter().filter(|e| e.owned) {
@@ -678,6 +924,41 @@ fn args_match(actual: &Map<String, Value>, wanted: &BTreeMap<String, Value>) -> 
         })
 }
 
+/// Whether rustls failed somewhere in `e`'s chain (`std::io::Error` hides
+/// its inner error from `source()`, so it is opened explicitly; and layers
+/// that box errors anew leave only rustls's words).
+fn is_tls_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    use tokio_rustls::rustls;
+    let text = error_chain(e);
+    if [
+        "invalid peer certificate",
+        "received corrupt message",
+        "received fatal alert",
+        "peer is incompatible",
+        "peer misbehaved",
+    ]
+    .iter()
+    .any(|words| text.contains(words))
+    {
+        return true;
+    }
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if e.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
@@ -696,6 +977,29 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn plain_http_is_refused_for_a_tls_broker() {
+        let tls = BrokerUrl::parse("amqps://u:p@rabbit").unwrap();
+        let plain = BrokerUrl::parse("amqp://u:p@rabbit").unwrap();
+        assert_eq!(management_url(None, &tls).unwrap(), "https://rabbit:15671");
+        assert_eq!(management_url(None, &plain).unwrap(), "http://rabbit:15672");
+        let e = management_url(Some("HTTP://rabbit:15672"), &tls).unwrap_err();
+        assert_eq!(e.reason(), "InsecureManagementUrl");
+        assert!(e.to_string().contains("amqps://"), "{e}");
+        assert!(management_url(Some("https://m:15671"), &tls).is_ok());
+        assert!(management_url(Some("http://m:15672"), &plain).is_ok());
+    }
+
+    #[test]
+    fn a_ca_must_hold_a_certificate() {
+        let e = Broker::with_ca("https://h:15671", "u", "p", Some("not a certificate"))
+            .err()
+            .expect("refused");
+        assert_eq!(e.reason(), "InvalidCaCertificate", "{e}");
+        let e = Broker::new("ftp://h", "u", "p").err().expect("refused");
+        assert_eq!(e.reason(), "InvalidManagementUrl", "{e}");
+    }
 
     #[test]
     fn path_segments_are_encoded() {

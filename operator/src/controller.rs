@@ -17,7 +17,10 @@
 //! - The finalizer `warren.dev/cleanup` honours `deletionPolicy`: `Retain`
 //!   leaves the broker alone; `Delete` removes what the queue owns, but
 //!   keeps (and keeps the finalizer on) a queue that still holds messages
-//!   unless the resource carries `warren.dev/force-delete: "true"`.
+//!   unless the resource carries `warren.dev/force-delete: "true"`. A
+//!   deletion never waits for ever for a broker it cannot ask: without the
+//!   Secret it lets go at once, with an unreachable broker after
+//!   [`CLEANUP_GRACE`], and says in an event what it left there.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -91,44 +94,97 @@ pub struct BrokerAccess {
     pub management_url: String,
     pub username: String,
     pub password: String,
+    /// PEM CA certificates the management API's certificate must chain
+    /// to (the Secret's `ca.crt` key); else the system's roots.
+    pub ca_pem: Option<String>,
+}
+
+impl BrokerAccess {
+    /// A management API client.
+    pub fn broker(&self) -> Result<Broker, BrokerError> {
+        Broker::with_ca(
+            &self.management_url,
+            &self.username,
+            &self.password,
+            self.ca_pem.as_deref(),
+        )
+    }
+}
+
+/// The Secret key holding the CA certificate(s) of a TLS broker, as
+/// cert-manager and the RabbitMQ Cluster Operator name it.
+pub const CA_KEY: &str = "ca.crt";
+
+/// Why a Secret gives no way to the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    /// The Secret lacks a key or holds a malformed value.
+    #[error("{0}")]
+    Secret(String),
+    /// The management URL cannot be used with this broker.
+    #[error(transparent)]
+    Management(#[from] BrokerError),
+}
+
+impl AccessError {
+    /// A fixed condition reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AccessError::Secret(_) => "SecretInvalid",
+            AccessError::Management(e) => e.reason(),
+        }
+    }
 }
 
 /// Reads broker credentials from a Secret: a `uri` key, or the RabbitMQ
-/// Cluster Operator's `username`, `password`, `host` (and `port`).
+/// Cluster Operator's `username`, `password`, `host` and `port`; plus
+/// `ca.crt` for a TLS broker. The management URL is `management_url`, or
+/// derived from the broker's host (`https://…:15671` when the Secret says
+/// TLS: an `amqps://` URI or port 5671); a plain `http://` one for a TLS
+/// broker is refused (see [`crate::apply::management_url`]).
 pub fn broker_access(
     secret: &Secret,
     management_url: Option<&str>,
-) -> Result<BrokerAccess, String> {
+) -> Result<BrokerAccess, AccessError> {
     let mut data: BTreeMap<String, String> = BTreeMap::new();
     for (k, v) in secret.data.iter().flatten() {
-        let text = String::from_utf8(v.0.clone()).map_err(|_| format!("key {k:?} is not UTF-8"))?;
+        let text = String::from_utf8(v.0.clone())
+            .map_err(|_| AccessError::Secret(format!("key {k:?} is not UTF-8")))?;
         data.insert(k.clone(), text);
     }
     for (k, v) in secret.string_data.iter().flatten() {
         data.insert(k.clone(), v.clone());
     }
-    let url = if let Some(uri) = data.get("uri").or_else(|| data.get("connection_string")) {
-        BrokerUrl::parse(uri.trim())?
+    let get = |k: &str| {
+        data.get(k)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    let mut url = if let Some(uri) = get("uri").or_else(|| get("connection_string")) {
+        BrokerUrl::parse(&uri).map_err(AccessError::Secret)?
     } else {
-        let get = |k: &str| {
-            data.get(k)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-                .ok_or_else(|| format!("has neither a `uri` key nor `{k}`"))
+        let need = |k: &str| {
+            get(k).ok_or_else(|| AccessError::Secret(format!("has neither a `uri` key nor `{k}`")))
         };
         BrokerUrl {
-            username: get("username")?,
-            password: get("password")?,
-            host: get("host")?,
+            username: need("username")?,
+            password: need("password")?,
+            host: need("host")?,
+            port: None,
             tls: false,
         }
     };
+    if let Some(p) = get("port") {
+        let port = p
+            .parse::<u16>()
+            .map_err(|_| AccessError::Secret(format!("key `port` ({p:?}) is not a port number")))?;
+        url.port = url.port.or(Some(port));
+    }
     Ok(BrokerAccess {
-        management_url: management_url
-            .map(str::to_owned)
-            .unwrap_or_else(|| url.default_management_url()),
+        management_url: crate::apply::management_url(management_url, &url)?,
         username: url.username,
         password: url.password,
+        ca_pem: get(CA_KEY),
     })
 }
 
@@ -233,8 +289,13 @@ async fn resolve(
             ));
         }
     };
-    let access = broker_access(&secret, rq.spec.broker.management_url.as_deref())
-        .map_err(|e| failed("SecretInvalid", format!("Secret {ns}/{name} {e}")))?;
+    let access = broker_access(&secret, rq.spec.broker.management_url.as_deref()).map_err(|e| {
+        let message = match &e {
+            AccessError::Secret(m) => format!("Secret {ns}/{name} {m}"),
+            AccessError::Management(m) => format!("Secret {ns}/{name}: {m}"),
+        };
+        failed(e.reason(), message)
+    })?;
     let policy = match &rq.spec.retry_policy_ref {
         None => RetryPolicySpec::default(),
         Some(p) => {
@@ -295,7 +356,7 @@ async fn observe(rq: &ReliableQueue, ctx: &Context) -> Observed {
         queues,
         policies,
     });
-    let broker = match Broker::new(&access.management_url, &access.username, &access.password) {
+    let broker = match access.broker() {
         Ok(b) => b,
         Err(e) => {
             return Observed {
@@ -512,34 +573,113 @@ pub fn retry_after(
     }
 }
 
+/// How long the deletion of a `deletionPolicy: Delete` ReliableQueue keeps
+/// trying a broker that cannot be asked (unreachable, refusing the
+/// credentials, failing TLS) before it lets go of the resource and reports
+/// what it left on the broker. A namespace being deleted waits at most
+/// this long (plus one `--retry`) for its ReliableQueues.
+pub const CLEANUP_GRACE: Duration = Duration::from_secs(120);
+
+/// Reason of the Warning event that lists what a deletion left on the
+/// broker.
+pub const OBJECTS_LEFT: &str = "BrokerObjectsLeft";
+
+/// How long ago the deletion of `rq` began.
+fn deleting_for(rq: &ReliableQueue) -> Duration {
+    let Some(since) = &rq.metadata.deletion_timestamp else {
+        return Duration::ZERO;
+    };
+    let now = k8s_openapi::jiff::Timestamp::now();
+    Duration::from_secs(
+        (now.as_second() - since.0.as_second())
+            .try_into()
+            .unwrap_or(0),
+    )
+}
+
+/// `deletionPolicy: Delete`: removes what the ReliableQueue owns from the
+/// broker.
+///
+/// - A queue that holds messages (or has consumers) is kept, unless
+///   forced, and so is the finalizer: retried every `--retry` for as long
+///   as it takes, since that protects the messages.
+/// - Without the Secret (deleted first, as `kubectl delete namespace` may
+///   do) or with one that gives no credentials, the broker cannot be asked
+///   at all: the finalizer is released at once.
+/// - A broker that cannot be asked is retried for [`CLEANUP_GRACE`] from
+///   the deletion's start, then the finalizer is released.
+///
+/// Whenever the finalizer goes without the broker cleaned up, a Warning
+/// event [`OBJECTS_LEFT`] names the objects left there and why.
 async fn cleanup(rq: Arc<ReliableQueue>, ctx: &Context) -> Result<Action, Error> {
     if rq.spec.deletion_policy == DeletionPolicy::Retain {
         tracing::info!(name = %rq.name_any(), "deleted with deletionPolicy Retain; broker objects kept");
         return Ok(Action::await_change());
     }
-    let (access, policy) = match resolve(&rq, ctx).await {
-        Ok(x) => x,
-        Err(observed) => {
-            let reason = if observed.broker.status == "False" {
-                observed.broker.message
-            } else {
-                observed.topology.message
-            };
-            return Err(Error::CleanupBlocked(reason));
-        }
-    };
-    let topology = plan::plan(&rq.queue_name(), &rq.spec, &policy)
-        .map_err(|e| Error::CleanupBlocked(e.to_string()))?;
-    let broker = Broker::new(&access.management_url, &access.username, &access.password)
-        .map_err(|e| Error::CleanupBlocked(e.to_string()))?;
+    let ns = rq.namespace().ok_or(Error::NoNamespace)?;
     let force = rq
         .annotations()
         .get(FORCE_DELETE)
         .is_some_and(|v| v == "true");
-    let report = broker
-        .delete(&topology, force)
-        .await
-        .map_err(|e| Error::CleanupBlocked(e.to_string()))?;
+    let secret_name = &rq.spec.broker.secret_name;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let secret = match secrets.get_opt(secret_name).await {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            let why = format!("Secret {ns}/{secret_name} does not exist");
+            return let_go(&rq, ctx, &why, None).await;
+        }
+        Err(e) => {
+            return Err(Error::CleanupBlocked(format!(
+                "Secret {ns}/{secret_name}: {e}"
+            )));
+        }
+    };
+    let policy = match &rq.spec.retry_policy_ref {
+        None => RetryPolicySpec::default(),
+        Some(p) => {
+            let policies: Api<RetryPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+            match policies.get_opt(p).await {
+                Ok(Some(policy)) => policy.spec,
+                // Gone first (a namespace's deletion has no order): the
+                // default plan still names every other object, and the
+                // delay tiers it lacks are found on the broker by name.
+                Ok(None) => RetryPolicySpec::default(),
+                Err(e) => {
+                    return Err(Error::CleanupBlocked(format!("RetryPolicy {ns}/{p}: {e}")));
+                }
+            }
+        }
+    };
+    let topology = match plan::plan(&rq.queue_name(), &rq.spec, &policy) {
+        Ok(t) => t,
+        Err(e) => return let_go(&rq, ctx, &format!("the spec cannot be planned: {e}"), None).await,
+    };
+    let access = match broker_access(&secret, rq.spec.broker.management_url.as_deref()) {
+        Ok(a) => Ok(a),
+        Err(AccessError::Secret(m)) => {
+            let why = format!("Secret {ns}/{secret_name} {m}");
+            return let_go(&rq, ctx, &why, Some(&topology)).await;
+        }
+        Err(AccessError::Management(e)) => Err(e),
+    };
+    let deleted = match access.and_then(|a| a.broker()) {
+        Ok(broker) => broker.delete(&topology, force).await,
+        Err(e) => Err(e),
+    };
+    let report = match deleted {
+        Ok(report) => report,
+        Err(e) if deleting_for(&rq) < CLEANUP_GRACE => {
+            return Err(Error::CleanupBlocked(e.to_string()));
+        }
+        Err(e) => {
+            let why = format!(
+                "{e} (for {} since the deletion began)",
+                humantime::format_duration(CLEANUP_GRACE)
+            );
+            return let_go(&rq, ctx, &why, Some(&topology)).await;
+        }
+    };
     if !report.conflicts.is_empty() {
         let message = report
             .conflicts
@@ -556,6 +696,92 @@ async fn cleanup(rq: Arc<ReliableQueue>, ctx: &Context) -> Result<Action, Error>
         };
         let _ = ctx.recorder.publish(&event, &rq.object_ref(&())).await;
         return Err(Error::CleanupBlocked(message));
+    }
+    Ok(Action::await_change())
+}
+
+/// What a ReliableQueue owns on the broker, as its status last recorded
+/// it, else as `topology` (or the default plan) names it.
+fn owned_objects(rq: &ReliableQueue, topology: Option<&Topology>) -> OwnedObjects {
+    if let Some(o) = rq.status.as_ref().and_then(|s| s.objects.clone())
+        && !o.queues.is_empty()
+    {
+        return o;
+    }
+    let planned = topology
+        .cloned()
+        .or_else(|| plan::plan(&rq.queue_name(), &rq.spec, &RetryPolicySpec::default()).ok());
+    match planned {
+        Some(t) => {
+            let (exchanges, queues, policies) = t.owned_names();
+            OwnedObjects {
+                exchanges,
+                queues,
+                policies,
+            }
+        }
+        None => OwnedObjects {
+            exchanges: vec![],
+            queues: vec![rq.queue_name()],
+            policies: vec![],
+        },
+    }
+}
+
+/// The note of an [`OBJECTS_LEFT`] event: why, then every object.
+pub fn objects_left_note(why: &str, objects: &OwnedObjects) -> String {
+    let mut parts = Vec::new();
+    for (kind, names) in [
+        ("queues", &objects.queues),
+        ("exchanges", &objects.exchanges),
+        ("policies", &objects.policies),
+    ] {
+        if !names.is_empty() {
+            parts.push(format!("{kind} {}", names.join(", ")));
+        }
+    }
+    format!(
+        "{why}; broker cleanup given up, left on the broker: {}",
+        parts.join("; ")
+    )
+}
+
+/// Releases the finalizer without cleaning up the broker, with a Warning
+/// event naming what was left. In a namespace being deleted no event can
+/// be created any more; the event then goes to the Namespace (stored in
+/// `default`, as for every cluster-scoped object).
+async fn let_go(
+    rq: &ReliableQueue,
+    ctx: &Context,
+    why: &str,
+    topology: Option<&Topology>,
+) -> Result<Action, Error> {
+    let note = objects_left_note(why, &owned_objects(rq, topology));
+    tracing::warn!(name = %rq.name_any(), %note, "finalizer released without broker cleanup");
+    let event = |note: String| Event {
+        type_: EventType::Warning,
+        reason: OBJECTS_LEFT.into(),
+        note: Some(truncate(&note, 1000)),
+        action: "Delete".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx
+        .recorder
+        .publish(&event(note.clone()), &rq.object_ref(&()))
+        .await
+    {
+        tracing::debug!(error = %e, "cannot publish the event on the ReliableQueue; publishing it on its Namespace");
+        let ns = rq.namespace().unwrap_or_default();
+        let namespace = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Namespace".into()),
+            name: Some(ns.clone()),
+            ..Default::default()
+        };
+        let note = format!("ReliableQueue {ns}/{}: {note}", rq.name_any());
+        if let Err(e) = ctx.recorder.publish(&event(note), &namespace).await {
+            tracing::warn!(error = %e, "cannot publish the event");
+        }
     }
     Ok(Action::await_change())
 }
@@ -719,7 +945,60 @@ mod tests {
         assert_eq!(a.management_url, "https://mgmt:15671");
         assert_eq!(a.password, "p@ss");
         let e = broker_access(&secret(&[("username", "x")]), None).unwrap_err();
-        assert!(e.contains("`password`"), "{e}");
+        assert!(e.to_string().contains("`password`"), "{e}");
+        assert_eq!(e.reason(), "SecretInvalid");
+    }
+
+    #[test]
+    fn a_secret_saying_tls_means_https_with_its_ca() {
+        // The Cluster Operator's Secret of a TLS cluster: port 5671.
+        let tls_cluster = secret(&[
+            ("username", "app"),
+            ("password", "pw"),
+            ("host", "rabbit.ns.svc"),
+            ("port", "5671"),
+            ("ca.crt", "-----BEGIN CERTIFICATE-----\n…"),
+        ]);
+        let a = broker_access(&tls_cluster, None).unwrap();
+        assert_eq!(a.management_url, "https://rabbit.ns.svc:15671");
+        assert!(a.ca_pem.unwrap().starts_with("-----BEGIN CERTIFICATE-----"));
+        // An amqps:// URI.
+        let a = broker_access(&secret(&[("uri", "amqps://u:p@rabbit/%2f")]), None).unwrap();
+        assert_eq!(a.management_url, "https://rabbit:15671");
+        assert_eq!(a.ca_pem, None);
+        // Plain HTTP to either is refused, whatever the host.
+        for s in [&tls_cluster, &secret(&[("uri", "amqps://u:p@rabbit/%2f")])] {
+            let e = broker_access(s, Some("http://rabbit:15672")).unwrap_err();
+            assert_eq!(e.reason(), "InsecureManagementUrl", "{e}");
+            assert!(e.to_string().contains("use an https://"), "{e}");
+        }
+        assert!(broker_access(&tls_cluster, Some("https://mgmt.example:443")).is_ok());
+        // A port that is not one.
+        let e = broker_access(
+            &secret(&[
+                ("username", "u"),
+                ("password", "p"),
+                ("host", "h"),
+                ("port", "amqp"),
+            ]),
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("`port`"), "{e}");
+    }
+
+    #[test]
+    fn the_objects_left_are_named() {
+        let objects = OwnedObjects {
+            exchanges: vec!["orders.retry".into()],
+            queues: vec!["orders".into(), "orders.parked".into()],
+            policies: vec!["warren.orders".into()],
+        };
+        assert_eq!(
+            objects_left_note("Secret shop/rabbit does not exist", &objects),
+            "Secret shop/rabbit does not exist; broker cleanup given up, left on the broker: \
+             queues orders, orders.parked; exchanges orders.retry; policies warren.orders"
+        );
     }
 
     #[test]

@@ -92,9 +92,15 @@ enum Command {
         /// management API.
         #[arg(long, env = "WARREN_BROKER_URL", hide_env_values = true)]
         broker_url: String,
-        /// Management API URL; default: the broker's host on port 15672.
+        /// Management API URL; default: the broker's host on port 15672,
+        /// or https:// on port 15671 for an amqps:// broker URL (or port
+        /// 5671). Plain http:// is refused for such a broker.
         #[arg(long, env = "WARREN_MANAGEMENT_URL")]
         management_url: Option<String>,
+        /// PEM file of the CA(s) an https:// management API's certificate
+        /// must chain to; default: the system's roots.
+        #[arg(long, env = "WARREN_CA_CERT")]
+        ca_cert: Option<PathBuf>,
     },
 }
 
@@ -175,9 +181,10 @@ fn main() -> ExitCode {
             files,
             broker_url,
             management_url,
+            ca_cert,
         } => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(apply(files, broker_url, management_url))),
+            .and_then(|rt| rt.block_on(apply(files, broker_url, management_url, ca_cert))),
     };
     match result {
         Ok(code) => code,
@@ -211,6 +218,7 @@ async fn apply(
     files: Vec<PathBuf>,
     broker_url: String,
     management_url: Option<String>,
+    ca_cert: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     let manifests = Manifests::read(&files)?;
     for kind in &manifests.skipped {
@@ -226,8 +234,15 @@ async fn apply(
             .join(", ")
     );
     let url = BrokerUrl::parse(&broker_url).map_err(anyhow::Error::msg)?;
-    let management_url = management_url.unwrap_or_else(|| url.default_management_url());
-    let broker = Broker::new(&management_url, &url.username, &url.password)?;
+    let management_url = warren_operator::apply::management_url(management_url.as_deref(), &url)?;
+    let ca = match &ca_cert {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("reading --ca-cert {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    let broker = Broker::with_ca(&management_url, &url.username, &url.password, ca.as_deref())?;
     broker.ping().await?;
     let mut failed = false;
     for rq in &manifests.queues {

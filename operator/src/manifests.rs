@@ -99,8 +99,15 @@ pub struct BrokerUrl {
     pub username: String,
     pub password: String,
     pub host: String,
+    /// The AMQP port, when given.
+    pub port: Option<u16>,
+    /// `amqps://`.
     pub tls: bool,
 }
+
+/// The AMQPS port: a broker reached on it uses TLS, and so does its
+/// management API (on 15671).
+pub const AMQPS_PORT: u16 = 5671;
 
 impl BrokerUrl {
     /// Parses an amqp:// or amqps:// URL (default credentials guest/guest).
@@ -129,26 +136,51 @@ impl BrokerUrl {
             },
             None => ("guest".into(), "guest".into()),
         };
-        let host = if let Some(v6) = hostport.strip_prefix('[') {
-            format!("[{}]", v6.split(']').next().unwrap_or_default())
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (addr, rest) = v6.split_once(']').unwrap_or((v6, ""));
+            (format!("[{addr}]"), rest.strip_prefix(':'))
         } else {
-            hostport.split(':').next().unwrap_or_default().to_owned()
+            match hostport.split_once(':') {
+                Some((h, p)) => (h.to_owned(), Some(p)),
+                None => (hostport.to_owned(), None),
+            }
         };
         if host.is_empty() || host == "[]" {
             return Err("the broker URL has no host".into());
         }
+        let port = match port.filter(|p| !p.is_empty()) {
+            Some(p) => Some(
+                p.parse::<u16>()
+                    .map_err(|_| format!("the broker URL's port {p:?} is not a port number"))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             username,
             password,
             host,
+            port,
             tls,
         })
     }
 
-    /// The management API's default URL: the broker's host, port 15672
-    /// (15671 with TLS).
-    pub fn default_management_url(&self) -> String {
+    /// Why the broker is known to use TLS (an `amqps://` URL, or the AMQPS
+    /// port 5671), if it is.
+    pub fn tls_reason(&self) -> Option<String> {
         if self.tls {
+            Some("amqps://".into())
+        } else if self.port == Some(AMQPS_PORT) {
+            Some(format!("AMQP port {AMQPS_PORT}"))
+        } else {
+            None
+        }
+    }
+
+    /// The management API's default URL: the broker's host, port 15672,
+    /// or `https://` on port 15671 when the broker uses TLS
+    /// ([`BrokerUrl::tls_reason`]).
+    pub fn default_management_url(&self) -> String {
+        if self.tls_reason().is_some() {
             format!("https://{}:15671", self.host)
         } else {
             format!("http://{}:15672", self.host)
@@ -190,6 +222,14 @@ mod tests {
         let u = BrokerUrl::parse("amqps://[::1]:5671").unwrap();
         assert_eq!((u.username.as_str(), u.host.as_str()), ("guest", "[::1]"));
         assert_eq!(u.default_management_url(), "https://[::1]:15671");
+        assert_eq!(u.port, Some(5671));
+        // Port 5671 says TLS even without amqps://.
+        let u = BrokerUrl::parse("amqp://u:p@rabbit:5671").unwrap();
+        assert_eq!(u.tls_reason().as_deref(), Some("AMQP port 5671"));
+        assert_eq!(u.default_management_url(), "https://rabbit:15671");
+        let u = BrokerUrl::parse("amqp://u:p@rabbit/vh").unwrap();
+        assert_eq!((u.port, u.tls_reason()), (None, None));
+        assert!(BrokerUrl::parse("amqp://u:p@rabbit:56x2").is_err());
         assert!(BrokerUrl::parse("http://x").is_err());
         assert!(BrokerUrl::parse("amqp://u:p@/").is_err());
         assert!(BrokerUrl::parse("amqp://u:%zz@h").is_err());

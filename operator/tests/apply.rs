@@ -12,7 +12,7 @@ use warren_crds::reliable_queue::{
     QueueSpec, ReliableQueueSpec,
 };
 use warren_crds::retry::{DelayStrategy, RetryPolicySpec};
-use warren_operator::apply::{Broker, BrokerError, Change, Report};
+use warren_operator::apply::{Broker, BrokerError, Change, QueueDeletion, Report};
 use warren_operator::plan::{Topology, plan};
 use warren_testkit::{RabbitNode, init_tracing};
 
@@ -338,8 +338,22 @@ async fn delete_keeps_queues_with_messages_unless_forced() {
         "the shared work exchange stays"
     );
     assert_eq!(node.queue_message_count("orders").await.unwrap(), 2);
+    // The kept queue keeps its policy (dead-lettering to the parking lot,
+    // the delivery limit) and its fence.
+    assert!(
+        node.management_get("/api/policies/%2F/warren.orders")
+            .await
+            .is_ok()
+    );
     let report = broker.delete(&t, true).await.unwrap();
-    assert_eq!(report.changes, [Change::Deleted("queue orders".into())]);
+    assert_eq!(
+        report.changes,
+        [
+            Change::Deleted("queue orders".into()),
+            Change::Deleted("policy warren.orders".into()),
+            Change::Deleted("policy warren-deleting.orders".into()),
+        ]
+    );
 }
 
 #[tokio::test]
@@ -352,4 +366,185 @@ async fn an_unreachable_broker_is_an_error_not_a_crash() {
         .expect("fails, does not hang")
         .unwrap_err();
     assert!(matches!(err, BrokerError::Unreachable { .. }), "{err}");
+}
+
+/// The management statistics' count of `queue` (seconds old).
+async fn stats_count(node: &RabbitNode, queue: &str) -> Option<u64> {
+    let q = node
+        .management_get(&format!("/api/queues/%2F/{queue}"))
+        .await
+        .ok()?;
+    q["messages"].as_u64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_lets_the_broker_refuse_and_never_consumes() {
+    let (node, broker) = start().await;
+    let t = plan("orders", &spec(), &policy()).unwrap();
+    apply(&broker, &t).await;
+    publish(&node, "order.created", 1).await;
+
+    // A classic queue: the broker's own if-empty refuses, in its words.
+    node.declare_classic_queue("audit").await.unwrap();
+    node.bind("shop", "audit", "audit.created").await.unwrap();
+    publish(&node, "audit.created", 1).await;
+    match broker.delete_queue_if_empty("/", "audit").await.unwrap() {
+        QueueDeletion::Kept(why) => assert!(why.contains("not empty"), "{why}"),
+        other => panic!("audit: {other:?}"),
+    }
+    assert_eq!(node.queue_message_count("audit").await.unwrap(), 1);
+
+    // The quorum work queue, at once after the publish (its statistics
+    // do not show the message yet): fenced, counted once the statistics
+    // caught up, kept.
+    let report = broker.delete(&t, false).await.unwrap();
+    println!("{report:#?}");
+    assert_eq!(report.conflicts.len(), 1, "{report:?}");
+    assert_eq!(report.conflicts[0].object, "queue orders");
+    assert!(
+        report.conflicts[0].message.contains("holds 1 message(s)"),
+        "{}",
+        report.conflicts[0]
+    );
+    for gone in [
+        "queue orders.parked",
+        "queue orders.retry.1s",
+        "exchange orders.retry",
+    ] {
+        assert!(
+            report.changes.contains(&Change::Deleted(gone.into())),
+            "{gone} not deleted: {report:?}"
+        );
+    }
+    // Fenced: a new message is refused (the publisher's confirm fails, so
+    // a sidecar keeps it), not taken into a queue on its way out.
+    let conn = Connection::connect(&node.amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            "orders".into(),
+            BasicPublishOptions::default(),
+            b"late",
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_nack(), "{confirm:?}");
+    // Asked again (the fence is there already: no wait): still kept.
+    let report = broker.delete(&t, false).await.unwrap();
+    assert_eq!(report.conflicts.len(), 1, "{report:?}");
+
+    // Nothing was consumed: the message was never delivered, so it comes
+    // first-hand, without a delivery count.
+    let get = |ch: lapin::Channel| async move {
+        ch.basic_get("orders".into(), Default::default())
+            .await
+            .unwrap()
+            .expect("the message is still there")
+    };
+    let m = get(ch.clone()).await;
+    let count = |m: &lapin::message::BasicGetMessage| {
+        m.delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-delivery-count").cloned())
+            .map_or(0, |v| match v {
+                lapin::types::AMQPValue::LongLongInt(n) => n,
+                lapin::types::AMQPValue::LongInt(n) => n.into(),
+                other => panic!("x-delivery-count {other:?}"),
+            })
+    };
+    assert!(!m.delivery.redelivered, "the message was handed out before");
+    assert_eq!(count(&m), 0, "the message was handed out before");
+    assert_eq!(m.delivery.data, b"m0");
+    // What a peek (a get handed back) would have done, for comparison.
+    m.delivery
+        .nack(lapin::options::BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let m = get(ch.clone()).await;
+    assert!(m.delivery.redelivered);
+    assert_eq!(count(&m), 1, "a returned message is counted");
+    m.delivery.ack(Default::default()).await.unwrap();
+    let _ = conn.close(200, "done".into()).await;
+
+    // Empty now (once the statistics say so): deleted, with its policy
+    // and fence.
+    for _ in 0..200 {
+        if stats_count(&node, "orders").await == Some(0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        broker.delete_queue_if_empty("/", "orders").await.unwrap(),
+        QueueDeletion::Deleted
+    );
+    let report = broker.delete(&t, false).await.unwrap();
+    assert!(report.conflicts.is_empty(), "{report:?}");
+    let policies = node.management_get("/api/policies/%2F").await.unwrap();
+    assert_eq!(policies, serde_json::json!([]), "no policy left");
+    // The classic queue, emptied: the broker deletes it.
+    node.purge("audit").await.unwrap();
+    assert_eq!(
+        broker.delete_queue_if_empty("/", "audit").await.unwrap(),
+        QueueDeletion::Deleted
+    );
+    assert_eq!(
+        broker.delete_queue_if_empty("/", "audit").await.unwrap(),
+        QueueDeletion::Missing
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn management_over_https_needs_the_right_ca() {
+    init_tracing();
+    let node = tokio::task::spawn_blocking(|| {
+        RabbitNode::start_with_management_tls().expect("start node")
+    })
+    .await
+    .unwrap();
+    let url = node.management_url();
+    assert!(url.starts_with("https://localhost:"), "{url}");
+    let ca = node.test_ca().ca_cert_pem();
+    let broker = Broker::with_ca(&url, "guest", "guest", Some(ca)).unwrap();
+    broker.ping().await.expect("https with the node's CA");
+    let t = plan("orders", &spec(), &policy()).unwrap();
+    let report = apply(&broker, &t).await;
+    assert!(created(&report).contains(&"queue orders".to_owned()));
+
+    let other = warren_testkit::TestCa::generate().unwrap();
+    for (what, broker) in [
+        ("no CA", Broker::new(&url, "guest", "guest").unwrap()),
+        (
+            "another CA",
+            Broker::with_ca(&url, "guest", "guest", Some(other.ca_cert_pem())).unwrap(),
+        ),
+    ] {
+        let err = broker.ping().await.unwrap_err();
+        println!("{what}: {err}");
+        assert_eq!(err.reason(), "BrokerTlsFailed", "{what}: {err}");
+        assert!(
+            err.to_string().contains("invalid peer certificate"),
+            "{what}: {err}"
+        );
+    }
+    // Plain HTTP on the HTTPS port is no way round it.
+    let plain = url.replace("https://", "http://");
+    let err = Broker::new(&plain, "guest", "guest")
+        .unwrap()
+        .ping()
+        .await
+        .unwrap_err();
+    println!("plain: {err}");
 }

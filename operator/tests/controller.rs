@@ -436,3 +436,273 @@ fn a_status_write_does_not_trigger_a_reconcile_but_a_spec_change_does() {
     );
     assert_ne!(hash(&base), hash(&deleted), "deletion");
 }
+
+fn deleting(deletion_timestamp: &str, extra: Value) -> Arc<ReliableQueue> {
+    let mut rq = json!({
+        "metadata": {"finalizers": ["warren.dev/cleanup"], "deletionTimestamp": deletion_timestamp},
+        "spec": {"deletionPolicy": "Delete"},
+        "status": {"objects": {
+            "exchanges": ["orders.retry"],
+            "queues": ["orders", "orders.parked", "orders.retry.1s"],
+            "policies": ["warren.orders"]
+        }}
+    });
+    merge(&mut rq, extra);
+    Arc::new(queue(rq))
+}
+
+/// Answers the finalizer's removal.
+async fn expect_finalizer_released(handle: &mut Handle) {
+    let call = next(handle).await;
+    assert_eq!(call.method, Method::PATCH);
+    assert_eq!(
+        call.path,
+        "/apis/warren.dev/v1alpha1/namespaces/shop/reliablequeues/orders"
+    );
+    assert!(
+        call.body.to_string().contains("\"remove\""),
+        "the finalizer is removed: {}",
+        call.body
+    );
+    call.reply(
+        StatusCode::OK,
+        serde_json::to_value(queue(json!({}))).unwrap(),
+    );
+}
+
+#[tokio::test]
+async fn without_its_secret_a_deletion_lets_go_and_names_what_it_left() {
+    for force in [false, true] {
+        let (ctx, mut handle) = context();
+        let annotations = json!({"warren.dev/force-delete": force.to_string()});
+        let rq = deleting(
+            "2099-01-01T00:00:00Z",
+            json!({"metadata": {"annotations": annotations}}),
+        );
+        let task = tokio::spawn(controller::reconcile(rq, ctx));
+        let call = next(&mut handle).await;
+        assert_eq!(call.path, "/api/v1/namespaces/shop/secrets/rabbit");
+        call.reply(StatusCode::NOT_FOUND, not_found("secrets \"rabbit\""));
+        // At once, not after a grace: the deletion began "in 2099".
+        let call = next(&mut handle).await;
+        assert_eq!(call.method, Method::POST);
+        assert_eq!(call.path, "/apis/events.k8s.io/v1/namespaces/shop/events");
+        assert_eq!(call.body["type"], "Warning");
+        assert_eq!(call.body["reason"], controller::OBJECTS_LEFT);
+        assert_eq!(call.body["regarding"]["kind"], "ReliableQueue");
+        assert_eq!(
+            call.body["note"],
+            "Secret shop/rabbit does not exist; broker cleanup given up, left on the broker: \
+             queues orders, orders.parked, orders.retry.1s; exchanges orders.retry; \
+             policies warren.orders"
+        );
+        let body = call.body.clone();
+        call.reply(StatusCode::CREATED, body);
+        expect_finalizer_released(&mut handle).await;
+        assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+    }
+}
+
+#[tokio::test]
+async fn in_a_terminating_namespace_the_event_goes_to_the_namespace() {
+    let (ctx, mut handle) = context();
+    let task = tokio::spawn(controller::reconcile(
+        deleting("2099-01-01T00:00:00Z", json!({})),
+        ctx,
+    ));
+    let call = next(&mut handle).await;
+    call.reply(StatusCode::NOT_FOUND, not_found("secrets \"rabbit\""));
+    // What the API server answers for a namespace being deleted.
+    let call = next(&mut handle).await;
+    assert_eq!(call.path, "/apis/events.k8s.io/v1/namespaces/shop/events");
+    call.reply(
+        StatusCode::FORBIDDEN,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403,
+               "message": "events.events.k8s.io \"orders.1\" is forbidden: unable to create new content in namespace shop because it is being terminated"}),
+    );
+    let call = next(&mut handle).await;
+    assert_eq!(call.method, Method::POST);
+    assert_eq!(
+        call.path,
+        "/apis/events.k8s.io/v1/namespaces/default/events"
+    );
+    assert_eq!(call.body["regarding"]["kind"], "Namespace");
+    assert_eq!(call.body["regarding"]["name"], "shop");
+    assert_eq!(call.body["reason"], controller::OBJECTS_LEFT);
+    let note = call.body["note"].as_str().unwrap();
+    assert!(
+        note.starts_with("ReliableQueue shop/orders: Secret shop/rabbit does not exist;")
+            && note.contains("queues orders, orders.parked"),
+        "{note}"
+    );
+    let body = call.body.clone();
+    call.reply(StatusCode::CREATED, body);
+    expect_finalizer_released(&mut handle).await;
+    assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_retried_for_a_grace_then_let_go() {
+    let port = warren_testkit::free_port();
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "rabbit", "namespace": "shop"},
+        "stringData": {"uri": format!("amqp://guest:guest@127.0.0.1:{port}/%2f")},
+    });
+    let spec = json!({"spec": {"broker": {"managementUrl": format!("http://127.0.0.1:{port}")}}});
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+
+    // Just deleted: retried, the finalizer stays.
+    let (ctx, mut handle) = context();
+    let task = tokio::spawn(controller::reconcile(deleting(&now, spec.clone()), ctx));
+    next(&mut handle)
+        .await
+        .reply(StatusCode::OK, secret.clone());
+    let err = task.await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("unreachable"), "{err}");
+    assert_eq!(err.metric_label(), "finalizer");
+
+    // Deleted longer ago than the grace: let go, saying why.
+    let long_ago =
+        std::time::SystemTime::now() - controller::CLEANUP_GRACE - Duration::from_secs(5);
+    let long_ago = humantime::format_rfc3339_seconds(long_ago).to_string();
+    let (ctx, mut handle) = context();
+    let task = tokio::spawn(controller::reconcile(deleting(&long_ago, spec), ctx));
+    next(&mut handle).await.reply(StatusCode::OK, secret);
+    let call = next(&mut handle).await;
+    assert_eq!(call.body["reason"], controller::OBJECTS_LEFT);
+    let note = call.body["note"].as_str().unwrap().to_owned();
+    assert!(
+        note.contains("unreachable") && note.contains("queues orders, orders.parked"),
+        "{note}"
+    );
+    call.reply(StatusCode::CREATED, json!({}));
+    expect_finalizer_released(&mut handle).await;
+    assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+}
+
+/// Accepts TCP connections on 127.0.0.1 and counts them.
+async fn counting_listener() -> (
+    u16,
+    Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((_stream, _)) = listener.accept().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    (port, count, task)
+}
+
+#[tokio::test]
+async fn plain_http_to_a_tls_broker_is_refused_before_any_credential_is_sent() {
+    let (port, connections, listener) = counting_listener().await;
+    // The Secret says TLS twice over (amqps://, port 5671); the spec's
+    // management URL is plain HTTP, and something listens there.
+    for data in [
+        json!({"uri": "amqps://guest:s3cret@localhost:5671/%2f"}),
+        json!({"username": "guest", "password": "s3cret", "host": "localhost", "port": "5671"}),
+    ] {
+        let (ctx, mut handle) = context();
+        let rq = Arc::new(queue(json!({
+            "metadata": {"finalizers": ["warren.dev/cleanup"]},
+            "spec": {"broker": {"managementUrl": format!("http://127.0.0.1:{port}")}}
+        })));
+        let task = tokio::spawn(controller::reconcile(rq, ctx));
+        next(&mut handle).await.reply(
+            StatusCode::OK,
+            json!({"apiVersion": "v1", "kind": "Secret",
+                   "metadata": {"name": "rabbit", "namespace": "shop"}, "stringData": data}),
+        );
+        let call = next(&mut handle).await;
+        assert!(call.path.ends_with("/reliablequeues/orders/status"));
+        let status = call.body["status"].clone();
+        let broker = condition(&status, "BrokerReachable");
+        assert_eq!(broker["status"], "False");
+        assert_eq!(broker["reason"], "InsecureManagementUrl", "{broker}");
+        assert!(
+            broker["message"]
+                .as_str()
+                .unwrap()
+                .contains("use an https:// management URL"),
+            "{broker}"
+        );
+        call.reply(
+            StatusCode::OK,
+            serde_json::to_value(queue(json!({}))).unwrap(),
+        );
+        expect_event(&mut handle, "NotReady").await;
+        task.await.unwrap().unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing was sent to the plain HTTP URL"
+    );
+    listener.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_in_the_secret_reaches_a_tls_management_api() {
+    init_tracing();
+    let node = tokio::task::spawn_blocking(|| {
+        RabbitNode::start_with_management_tls().expect("start node")
+    })
+    .await
+    .unwrap();
+    assert!(node.management_url().starts_with("https://localhost:"));
+    let uri = node.amqps_url();
+    let ca = node.test_ca().ca_cert_pem().to_owned();
+    let with_ca = json!({"uri": uri, "ca.crt": ca});
+    let without_ca = json!({"uri": uri});
+    let another_ca =
+        json!({"uri": uri, "ca.crt": warren_testkit::TestCa::generate().unwrap().ca_cert_pem()});
+    for (data, ready, reason) in [
+        (with_ca, "True", "Connected"),
+        (without_ca, "False", "BrokerTlsFailed"),
+        (another_ca, "False", "BrokerTlsFailed"),
+    ] {
+        let (ctx, mut handle) = context();
+        // The management URL is derived from the amqps:// URI: https, on
+        // the node's management port instead of 15671.
+        let rq = Arc::new(queue(json!({
+            "metadata": {"finalizers": ["warren.dev/cleanup"]},
+            "spec": {"broker": {"managementUrl": node.management_url()}}
+        })));
+        let task = tokio::spawn(controller::reconcile(rq, ctx));
+        next(&mut handle).await.reply(
+            StatusCode::OK,
+            json!({"apiVersion": "v1", "kind": "Secret",
+                   "metadata": {"name": "rabbit", "namespace": "shop"}, "stringData": data}),
+        );
+        let call = next(&mut handle).await;
+        let status = call.body["status"].clone();
+        let broker = condition(&status, "BrokerReachable");
+        assert_eq!(broker["status"], ready, "{broker}");
+        assert_eq!(broker["reason"], reason, "{broker}");
+        if ready == "False" {
+            let message = broker["message"].as_str().unwrap();
+            assert!(message.contains("invalid peer certificate"), "{message}");
+        }
+        call.reply(
+            StatusCode::OK,
+            serde_json::to_value(queue(json!({}))).unwrap(),
+        );
+        expect_event(
+            &mut handle,
+            if ready == "True" { "Ready" } else { "NotReady" },
+        )
+        .await;
+        task.await.unwrap().unwrap();
+    }
+    assert!(
+        node.management_get("/api/queues/%2F/orders").await.is_ok(),
+        "applied over https"
+    );
+}

@@ -155,8 +155,11 @@ pub struct RabbitNode {
     ports: NodePorts,
     /// Config, data and logs; `None` only after [`RabbitNode::shutdown`].
     dir: Option<TempDir>,
-    /// TLS material when `options.tls`.
+    /// TLS material when `options.tls` or `management_tls`.
     ca: Option<TestCa>,
+    /// The management API listens on HTTPS only (its port is
+    /// `ports.management`), with a certificate from `ca`.
+    management_tls: bool,
     /// The beam process while it has not been reaped. Invariant: `Some` means
     /// the pid (= process group id) still belongs to our node, so signalling
     /// the group is safe.
@@ -194,6 +197,25 @@ impl RabbitNode {
     /// A start that fails because a port was taken in the meantime is retried
     /// on fresh ports. Errors carry the tail of the node's logs.
     pub fn start_with(options: NodeOptions) -> anyhow::Result<RabbitNode> {
+        RabbitNode::start_inner(options, false)
+    }
+
+    /// Start a node that serves AMQPS (as with `tls`) and the management
+    /// API over HTTPS only (`management.ssl.*`), both with a certificate
+    /// from the node's [`TestCa`]: [`RabbitNode::management_url`] is then
+    /// `https://localhost:PORT`, trusted through
+    /// [`RabbitNode::ca_cert_pem_path`].
+    pub fn start_with_management_tls() -> anyhow::Result<RabbitNode> {
+        RabbitNode::start_inner(
+            NodeOptions {
+                tls: true,
+                management: true,
+            },
+            true,
+        )
+    }
+
+    fn start_inner(options: NodeOptions, management_tls: bool) -> anyhow::Result<RabbitNode> {
         let server = bin_dir().join("rabbitmq-server");
         if !server.exists() {
             bail!(
@@ -204,7 +226,7 @@ impl RabbitNode {
         }
         let mut last_err = None;
         for attempt in 1..=START_ATTEMPTS {
-            let mut node = RabbitNode::prepare(options)?;
+            let mut node = RabbitNode::prepare(options, management_tls)?;
             match node.boot() {
                 Ok(()) => {
                     tracing::info!(node = %node.name, amqp_port = node.amqp_port(), pid = ?node.pid, "rabbitmq node started");
@@ -222,7 +244,7 @@ impl RabbitNode {
     }
 
     /// Create the temp dir, config files and cookie for a new node.
-    fn prepare(options: NodeOptions) -> anyhow::Result<RabbitNode> {
+    fn prepare(options: NodeOptions, management_tls: bool) -> anyhow::Result<RabbitNode> {
         let suffix: u32 = rand::rng().random_range(0..0x10000);
         let name = format!(
             "warren-test-{}-{}-{:04x}@localhost",
@@ -236,7 +258,7 @@ impl RabbitNode {
             .prefix("warren-rabbit-")
             .tempdir()
             .context("creating the node's temp dir")?;
-        let ca = if options.tls {
+        let ca = if options.tls || management_tls {
             Some(TestCa::generate()?)
         } else {
             None
@@ -247,6 +269,7 @@ impl RabbitNode {
             ports,
             dir: Some(dir),
             ca,
+            management_tls,
             child: None,
             pid: None,
         };
@@ -333,10 +356,40 @@ impl RabbitNode {
         line(&mut c, "disk_free_limit.absolute = 1MB".into());
         // Stats (and so /api/nodes' mem_alarm) refresh every second instead of 5.
         line(&mut c, "collect_statistics_interval = 1000".into());
-        if let Some(p) = &self.ports.management {
+        match (&self.ports.management, &self.ca) {
             // management.* keys only validate when the plugin is enabled.
-            line(&mut c, format!("management.tcp.port = {}", p.port()));
-            line(&mut c, "management.tcp.ip = 127.0.0.1".into());
+            (Some(p), Some(ca)) if self.management_tls => {
+                // With only `management.ssl.*` set there is no plain
+                // HTTP listener.
+                line(&mut c, format!("management.ssl.port = {}", p.port()));
+                line(&mut c, "management.ssl.ip = 127.0.0.1".into());
+                line(
+                    &mut c,
+                    format!(
+                        "management.ssl.cacertfile = {}",
+                        ca.ca_cert_path().display()
+                    ),
+                );
+                line(
+                    &mut c,
+                    format!(
+                        "management.ssl.certfile = {}",
+                        ca.server_cert_path().display()
+                    ),
+                );
+                line(
+                    &mut c,
+                    format!(
+                        "management.ssl.keyfile = {}",
+                        ca.server_key_path().display()
+                    ),
+                );
+            }
+            (Some(p), _) => {
+                line(&mut c, format!("management.tcp.port = {}", p.port()));
+                line(&mut c, "management.tcp.ip = 127.0.0.1".into());
+            }
+            (None, _) => {}
         }
         if let (Some(p), Some(ca)) = (&self.ports.tls, &self.ca) {
             line(&mut c, format!("listeners.ssl.1 = 127.0.0.1:{}", p.port()));
@@ -742,7 +795,10 @@ impl RabbitNode {
         )
     }
 
-    /// Management API base URL, `http://127.0.0.1:PORT` (guest:guest).
+    /// Management API base URL, `http://127.0.0.1:PORT` (guest:guest), or
+    /// `https://localhost:PORT` for a node from
+    /// [`RabbitNode::start_with_management_tls`] (`localhost` so that
+    /// hostname verification against the test certificate is exercised).
     ///
     /// # Panics
     /// When the node was started with `management: false`.
@@ -753,7 +809,11 @@ impl RabbitNode {
             .as_ref()
             .expect("node was started without management")
             .port();
-        format!("http://127.0.0.1:{port}")
+        if self.management_tls {
+            format!("https://localhost:{port}")
+        } else {
+            format!("http://127.0.0.1:{port}")
+        }
     }
 
     /// AMQPS port.
@@ -978,7 +1038,13 @@ impl RabbitNode {
     /// the JSON answer.
     pub async fn management_get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
         let url = format!("{}{}", self.management_url(), path);
-        let resp = reqwest::Client::new()
+        let mut client = reqwest::Client::builder();
+        if self.management_tls {
+            let ca = reqwest::Certificate::from_pem(self.test_ca().ca_cert_pem().as_bytes())?;
+            client = client.tls_certs_only([ca]);
+        }
+        let resp = client
+            .build()?
             .get(&url)
             .basic_auth(USER, Some(PASSWORD))
             .send()

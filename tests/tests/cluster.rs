@@ -1340,5 +1340,115 @@ async fn reconciles_api_writes_and_management_calls_stay_bounded() {
     assert!(
         ready + 20 * RESYNC * 2 >= published,
         "counts lag: {ready} of {published}"
+
+/// The `BrokerObjectsLeft` events (events.k8s.io) in namespace `ns`.
+fn objects_left_events(plane: &ControlPlane, ns: &str) -> Result<Vec<Value>, String> {
+    let events = get_json(plane, &["get", "events.events.k8s.io", "-n", ns])?;
+    Ok(events["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e["reason"] == warren_operator::controller::OBJECTS_LEFT)
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deletions_finish_without_the_broker_secret() {
+    let plane = start_plane();
+    let installed = install_chart(&plane, &[]).expect("helm install");
+    let node = tokio::task::block_in_place(RabbitNode::start).expect("rabbitmq node");
+    let op = OperatorProcess::start(&plane, "op-a", installed.webhook_port.port(), &[])
+        .await
+        .expect("warren-operator run");
+    // `ledger` is deleted with its namespace, `audit` with the
+    // force-delete annotation; both lose their Secret first.
+    for (ns, name, annotations) in [
+        ("doomed", "ledger", ""),
+        (
+            "forced",
+            "audit",
+            "  annotations:\n    warren.dev/force-delete: \"true\"\n",
+        ),
+    ] {
+        plane.apply_yaml(&broker_secret(ns, &node)).unwrap();
+        let rq = reliable_queue(ns, name, &node, "  deletionPolicy: Delete\n").replacen(
+            "\nspec:",
+            &format!("\n{annotations}spec:"),
+            1,
+        );
+        plane.apply_yaml(&rq).unwrap();
+        wait_ready(&plane, ns, name, Duration::from_secs(120));
+    }
+    assert!(broker_queues(&node).await.contains("ledger"));
+
+    // What `kubectl delete namespace` may do: the Secret goes first.
+    plane
+        .kubectl_ok(&["delete", "secret", "broker", "-n", "doomed"])
+        .unwrap();
+    let started = Instant::now();
+    plane
+        .kubectl_ok(&["delete", "namespace", "doomed", "--wait=false"])
+        .unwrap();
+    eventually(
+        Duration::from_secs(120),
+        "namespace doomed to be gone",
+        || match plane.kubectl_ok(&["get", "namespace", "doomed", "-o", "name"]) {
+            Err(e) if format!("{e:#}").contains("NotFound") => Ok(()),
+            Err(e) => Err(format!("{e:#}")),
+            Ok(out) => Err(format!(
+                "still there: {out}; operator log:\n{}",
+                op.log_tail(20)
+            )),
+        },
+    );
+    let took = started.elapsed();
+    eprintln!("namespace doomed was deleted in {took:?}");
+    assert!(took < Duration::from_secs(90), "took {took:?}");
+    // No event can be created in a namespace being deleted: the warning
+    // is on the Namespace, in `default`.
+    let events = eventually(Duration::from_secs(10), "the warning", || {
+        let e = objects_left_events(&plane, "default")?;
+        if e.is_empty() {
+            Err("none".into())
+        } else {
+            Ok(e)
+        }
+    });
+    let event = &events[0];
+    assert_eq!(event["type"], "Warning", "{event}");
+    assert_eq!(event["regarding"]["kind"], "Namespace", "{event}");
+    assert_eq!(event["regarding"]["name"], "doomed", "{event}");
+    let note = event["note"].as_str().unwrap();
+    assert!(
+        note.starts_with("ReliableQueue doomed/ledger: Secret doomed/broker does not exist")
+            && note.contains("queues ledger, ledger.parked, ledger.retry.")
+            && note.contains("exchanges ledger.retry"),
+        "{note}"
+    );
+    // Left, as the event says.
+    let queues = broker_queues(&node).await;
+    assert!(
+        queues.contains("ledger") && queues.contains("ledger.parked"),
+        "{queues:?}"
+    );
+
+    // force-delete without the Secret: the resource goes, the event is
+    // on it.
+    plane
+        .kubectl_ok(&["delete", "secret", "broker", "-n", "forced"])
+        .unwrap();
+    plane
+        .kubectl_ok(&["delete", "rq", "audit", "-n", "forced", "--timeout=60s"])
+        .expect("the finalizer is released");
+    let events = objects_left_events(&plane, "forced").unwrap();
+    let event = events.first().expect("a BrokerObjectsLeft event");
+    assert_eq!(event["regarding"]["kind"], "ReliableQueue", "{event}");
+    assert_eq!(event["regarding"]["name"], "audit", "{event}");
+    let note = event["note"].as_str().unwrap();
+    assert!(
+        note.starts_with("Secret forced/broker does not exist")
+            && note.contains("queues audit, audit.parked"),
+        "{note}"
     );
 }
