@@ -375,8 +375,17 @@ async fn run(
             let _ = stop.send(());
             let _ = keeper.await;
         };
+        // The RetryPolicy controller runs beside the ReliableQueue
+        // controller and stops with it.
+        let lost = futures::FutureExt::shared(lost);
+        let controllers = async {
+            tokio::join!(
+                controller::run(client.clone(), ctx.clone(), lost.clone()),
+                warren_operator::retry_policy::run(client.clone(), ctx.clone(), lost),
+            );
+        };
         tokio::select! {
-            () = controller::run(client.clone(), ctx.clone(), lost) => {
+            () = controllers => {
                 tracing::warn!("leader lease lost; standing by");
             }
             _ = tokio::signal::ctrl_c() => return Ok(()),
