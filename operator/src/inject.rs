@@ -37,6 +37,15 @@ pub const CONSUME: &str = "warren.dev/consume";
 pub const APP_PORT: &str = "warren.dev/app-port";
 /// The path deliveries are POSTed to (default `/`).
 pub const APP_PATH: &str = "warren.dev/app-path";
+/// Most unacknowledged deliveries of each consumed queue at once, 1-65535
+/// (default 16): the consumer's AMQP prefetch.
+pub const CONSUMER_PREFETCH: &str = "warren.dev/consumer-prefetch";
+/// Most deliveries the app is handed at once, over all consumed queues,
+/// 1-1000 (default 16).
+pub const CONSUMER_CONCURRENCY: &str = "warren.dev/consumer-concurrency";
+/// How long the app has to answer one delivery before it counts as failed
+/// and is retried, from 1ms to 14m (default 30s).
+pub const DELIVERY_TIMEOUT: &str = "warren.dev/delivery-timeout";
 /// `native` (init container with `restartPolicy: Always`) or `container`.
 pub const SIDECAR_MODE: &str = "warren.dev/sidecar-mode";
 /// Where the outbox lives: `claim` (a PersistentVolumeClaim that outlives
@@ -216,6 +225,83 @@ pub enum OutboxMode {
     EmptyDir,
 }
 
+/// How the sidecar consumes for the app, as the pod's annotations set it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsumerSettings {
+    /// Prefetch of each consumed queue ([`CONSUMER_PREFETCH`]).
+    pub prefetch: u16,
+    /// Deliveries at the app at once ([`CONSUMER_CONCURRENCY`]).
+    pub concurrency: u32,
+    /// Deadline of one delivery ([`DELIVERY_TIMEOUT`]).
+    pub timeout: HumanDuration,
+}
+
+impl Default for ConsumerSettings {
+    fn default() -> Self {
+        Self {
+            prefetch: 16,
+            concurrency: 16,
+            timeout: HumanDuration::from_secs(30),
+        }
+    }
+}
+
+/// Largest [`CONSUMER_CONCURRENCY`].
+pub const MAX_CONCURRENCY: u32 = 1000;
+/// Longest [`DELIVERY_TIMEOUT`]: a delivery is held for the app call and
+/// its republish, each bounded by the timeout, and must be settled before
+/// the broker's default `consumer_timeout` (30m) closes the channel.
+pub const MAX_DELIVERY_TIMEOUT: HumanDuration = HumanDuration::from_secs(14 * 60);
+
+/// A whole number from 1 to `max` in annotation `key`; `None` when absent
+/// or empty.
+fn count(
+    annotations: &BTreeMap<String, String>,
+    key: &'static str,
+    max: u32,
+) -> Result<Option<u32>, InjectError> {
+    let value = match annotations.get(key).map(|v| v.trim()) {
+        None | Some("") => return Ok(None),
+        Some(v) => v,
+    };
+    match value.parse::<u32>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(Some(n)),
+        _ => Err(annotation_error(
+            key,
+            format!("{value:?} is not a whole number from 1 to {max}"),
+        )),
+    }
+}
+
+fn parse_consumer(annotations: &BTreeMap<String, String>) -> Result<ConsumerSettings, InjectError> {
+    let default = ConsumerSettings::default();
+    let prefetch = count(annotations, CONSUMER_PREFETCH, u32::from(u16::MAX))?
+        .map(|n| u16::try_from(n).expect("at most u16::MAX"))
+        .unwrap_or(default.prefetch);
+    let concurrency =
+        count(annotations, CONSUMER_CONCURRENCY, MAX_CONCURRENCY)?.unwrap_or(default.concurrency);
+    let timeout = match annotations.get(DELIVERY_TIMEOUT).map(|v| v.trim()) {
+        None | Some("") => default.timeout,
+        Some(v) => match v.parse::<HumanDuration>() {
+            Ok(d) if !d.0.is_zero() && d <= MAX_DELIVERY_TIMEOUT => d,
+            _ => {
+                return Err(annotation_error(
+                    DELIVERY_TIMEOUT,
+                    format!(
+                        "{v:?} is not a duration from 1ms to {MAX_DELIVERY_TIMEOUT} \
+                         (a number with a unit ms, s, m or h, e.g. \"30s\")"
+                    ),
+                ));
+            }
+        },
+    };
+    Ok(ConsumerSettings {
+        prefetch,
+        concurrency,
+        timeout,
+    })
+}
+
 /// What a pod's annotations ask for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
@@ -227,6 +313,8 @@ pub struct Request {
     pub outbox: OutboxMode,
     /// The transactional outbox relay, when asked for.
     pub relay: Option<RelayRequest>,
+    /// Prefetch, concurrency and delivery timeout of the consumed queues.
+    pub consumer: ConsumerSettings,
 }
 
 /// Where the relay's database URL comes from, and how it relays.
@@ -424,6 +512,19 @@ pub fn parse_annotations(
         OutboxMode::Claim,
     )?;
     let relay = parse_relay(annotations)?;
+    let consumer = parse_consumer(annotations)?;
+    if consume.is_empty()
+        && let Some(key) = [CONSUMER_PREFETCH, CONSUMER_CONCURRENCY, DELIVERY_TIMEOUT]
+            .into_iter()
+            .find(|k| annotations.get(*k).is_some_and(|v| !v.trim().is_empty()))
+    {
+        return Err(annotation_error(
+            key,
+            format!(
+                "applies to consumed queues, and the pod consumes none (see {APP_PORT} and {CONSUME})"
+            ),
+        ));
+    }
     Ok(Some(Request {
         queues,
         consume,
@@ -432,6 +533,7 @@ pub fn parse_annotations(
         mode,
         outbox,
         relay,
+        consumer,
     }))
 }
 
@@ -530,7 +632,7 @@ pub fn resolve(request: &Request, resources: &Resources) -> Result<Resolved, Inj
         };
         queues.push(ConsumeQueue {
             name: rq.queue_name(),
-            prefetch: 16,
+            prefetch: request.consumer.prefetch,
             parking_lot: Some(rq.parking_lot_name()),
             url: None,
             retry_policy,
@@ -539,8 +641,8 @@ pub fn resolve(request: &Request, resources: &Resources) -> Result<Resolved, Inj
     let config = SidecarConfig {
         app: request.app_port.map(|port| AppEndpoint {
             url: format!("http://127.0.0.1:{port}{}", request.app_path),
-            timeout: HumanDuration::from_secs(30),
-            concurrency: 16,
+            timeout: request.consumer.timeout,
+            concurrency: request.consumer.concurrency,
         }),
         queues,
         ..SidecarConfig::default()
@@ -1105,6 +1207,146 @@ mod tests {
         assert_eq!(config.queues.len(), 1);
         assert_eq!(config.queues[0].name, "payments");
         assert_eq!(config.app.unwrap().url, "http://127.0.0.1:8080/");
+    }
+
+    fn rendered_config(spec: &PodSpec) -> SidecarConfig {
+        let json = env_of(sidecar(spec), "WARREN_CONFIG_JSON")
+            .expect("a consumer config")
+            .value
+            .unwrap();
+        serde_json::from_str(&json).unwrap()
+    }
+
+    #[test]
+    fn consumer_settings_come_from_the_pods_annotations() {
+        let consuming = [
+            (INJECT, "enabled"),
+            (QUEUES, "orders,payments"),
+            (APP_PORT, "8080"),
+        ];
+        // Without the annotations: the defaults.
+        let (_, _, spec) = run(&consuming).unwrap();
+        let config = rendered_config(&spec);
+        let app = config.app.as_ref().unwrap();
+        assert_eq!(
+            (app.concurrency, app.timeout),
+            (16, HumanDuration::from_secs(30))
+        );
+        assert!(config.queues.iter().all(|q| q.prefetch == 16));
+
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut a = consuming.to_vec();
+            a.extend_from_slice(extra);
+            let (_, _, spec) = run(&a).unwrap();
+            let config = rendered_config(&spec);
+            config.validate().unwrap();
+            config
+        };
+        let config = with(&[
+            (CONSUMER_PREFETCH, "50"),
+            (CONSUMER_CONCURRENCY, " 4 "),
+            (DELIVERY_TIMEOUT, "1m30s"),
+        ]);
+        let app = config.app.as_ref().unwrap();
+        assert_eq!(app.concurrency, 4);
+        assert_eq!(app.timeout, HumanDuration::from_secs(90));
+        let prefetch: Vec<(&str, u16)> = config
+            .queues
+            .iter()
+            .map(|q| (q.name.as_str(), q.prefetch))
+            .collect();
+        assert_eq!(prefetch, [("orders", 50), ("payments", 50)]);
+
+        // The bounds are accepted, and the sidecar accepts what they render.
+        let config = with(&[
+            (CONSUMER_PREFETCH, "65535"),
+            (CONSUMER_CONCURRENCY, "1000"),
+            (DELIVERY_TIMEOUT, "14m"),
+        ]);
+        assert_eq!(config.queues[0].prefetch, u16::MAX);
+        let app = config.app.as_ref().unwrap();
+        assert_eq!(app.concurrency, MAX_CONCURRENCY);
+        assert_eq!(app.timeout, MAX_DELIVERY_TIMEOUT);
+        let config = with(&[
+            (CONSUMER_PREFETCH, "1"),
+            (CONSUMER_CONCURRENCY, "1"),
+            (DELIVERY_TIMEOUT, "1ms"),
+        ]);
+        assert_eq!(config.queues[0].prefetch, 1);
+        assert_eq!(config.app.unwrap().timeout, HumanDuration::from_millis(1));
+    }
+
+    #[test]
+    fn bad_consumer_settings_are_refused_naming_the_annotation_and_range() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                CONSUMER_PREFETCH,
+                "lots",
+                "\"lots\" is not a whole number from 1 to 65535",
+            ),
+            (
+                CONSUMER_PREFETCH,
+                "0",
+                "\"0\" is not a whole number from 1 to 65535",
+            ),
+            (CONSUMER_PREFETCH, "65536", "from 1 to 65535"),
+            (CONSUMER_PREFETCH, "-1", "from 1 to 65535"),
+            (CONSUMER_PREFETCH, "2.5", "from 1 to 65535"),
+            (
+                CONSUMER_CONCURRENCY,
+                "0",
+                "\"0\" is not a whole number from 1 to 1000",
+            ),
+            (CONSUMER_CONCURRENCY, "1001", "from 1 to 1000"),
+            (CONSUMER_CONCURRENCY, "many", "from 1 to 1000"),
+            (
+                DELIVERY_TIMEOUT,
+                "30",
+                "\"30\" is not a duration from 1ms to 14m",
+            ),
+            (DELIVERY_TIMEOUT, "0s", "from 1ms to 14m"),
+            (DELIVERY_TIMEOUT, "15m", "from 1ms to 14m"),
+            (DELIVERY_TIMEOUT, "1d", "from 1ms to 14m"),
+            (DELIVERY_TIMEOUT, "soon", "e.g. \"30s\""),
+        ];
+        for (key, value, expected) in cases {
+            let annotations = [
+                (INJECT, "enabled"),
+                (QUEUES, "orders"),
+                (APP_PORT, "8080"),
+                (*key, *value),
+            ];
+            let (mut meta, mut spec) = pod(&annotations);
+            let before = spec.clone();
+            let e = inject(
+                &mut meta,
+                &mut spec,
+                &resources(),
+                &InjectionConfig::default(),
+                true,
+            )
+            .unwrap_err();
+            let text = e.to_string();
+            assert!(
+                text.starts_with(&format!("annotation {key}: ")),
+                "{key}={value}: {text}"
+            );
+            assert!(text.contains(expected), "{key}={value}: {text}");
+            assert_eq!(spec, before, "a failed injection changes nothing");
+        }
+        // A setting for a pod that consumes nothing would have no effect.
+        let e = run(&[
+            (INJECT, "enabled"),
+            (QUEUES, "orders"),
+            (CONSUMER_CONCURRENCY, "4"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("annotation warren.dev/consumer-concurrency: applies to consumed queues"),
+            "{e}"
+        );
+        assert!(e.contains(APP_PORT), "{e}");
     }
 
     #[test]

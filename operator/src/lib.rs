@@ -6,6 +6,7 @@
 //! - [`apply`]: makes a broker match a plan over the management HTTP API;
 //! - [`manifests`]: Warren resources read from YAML files, broker URLs;
 //! - [`controller`]: the Kubernetes controller (status, events, finalizer);
+//! - [`retry_policy`]: the RetryPolicy controller (its `Valid` condition and tiers);
 //! - [`metrics`]: the operator's Prometheus metrics;
 //! - [`inject`]: sidecar injection into a pod spec (pure);
 //! - [`admission`]: the webhook's Pod handler (injection and claims);
@@ -26,6 +27,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod plan;
 pub mod pool;
+pub mod retry_policy;
 pub mod webhook;
 
 pub use warren_crds::{backoff, names};

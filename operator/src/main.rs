@@ -490,13 +490,19 @@ async fn run(
         // The outbox claim keeper runs beside the controller, as long as
         // the lease is held.
         let keeper = tokio::spawn(keeper.run(pool_interval, end.clone()));
-        let work = controller::run(
-            client.clone(),
-            ctx.clone(),
-            scope.clone(),
-            readiness.synced.clone(),
-            end,
-        );
+        // The RetryPolicy controller runs beside the ReliableQueue
+        // controller and stops with it.
+        let work = futures::future::join(
+            controller::run(
+                client.clone(),
+                ctx.clone(),
+                scope.clone(),
+                readiness.synced.clone(),
+                end.clone(),
+            ),
+            warren_operator::retry_policy::run(client.clone(), ctx.clone(), scope.clone(), end),
+        )
+        .map(drop);
         let stop_signal = stopped();
         tokio::select! {
             () = work => {}

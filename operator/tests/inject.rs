@@ -195,3 +195,56 @@ fn a_workload_that_cannot_be_injected_is_an_error_and_nothing_is_printed() {
     assert!(!ok);
     assert!(err.contains("cannot read"), "{err}");
 }
+
+/// A Deployment consuming "orders" with the consumer settings `annotations`
+/// (YAML lines under the template's annotations).
+fn tuned_deployment(dir: &Path, annotations: &str) -> std::path::PathBuf {
+    let file = dir.join("tuned.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: tuned}}\nspec:\n  selector: {{matchLabels: {{app: tuned}}}}\n  template:\n    metadata:\n      labels: {{app: tuned, warren.dev/inject: enabled}}\n      annotations:\n        warren.dev/inject: enabled\n        warren.dev/queues: orders\n        warren.dev/app-port: \"8080\"\n{annotations}    spec:\n      containers: [{{name: app, image: x}}]\n"
+        ),
+    )
+    .unwrap();
+    file
+}
+
+#[test]
+fn consumer_settings_annotations_reach_the_rendered_config() {
+    let orders = root().join("examples/orders.yaml");
+    let dir = tempfile::tempdir().unwrap();
+    let file = tuned_deployment(
+        dir.path(),
+        "        warren.dev/consumer-prefetch: \"40\"\n        warren.dev/consumer-concurrency: \"3\"\n        warren.dev/delivery-timeout: 45s\n",
+    );
+    let (ok, out, err) = inject(&[&orders, &file]);
+    assert!(ok, "{err}");
+    let docs = docs(&out);
+    let d = find(&docs, "Deployment", "tuned");
+    let sidecar = &d["spec"]["template"]["spec"]["initContainers"][0];
+    assert_eq!(sidecar["name"], "warren-sidecar");
+    let config: Value = serde_json::from_str(
+        env(sidecar, "WARREN_CONFIG_JSON")["value"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["app"]["concurrency"], 3, "{config}");
+    assert_eq!(config["app"]["timeout"], "45s", "{config}");
+    assert_eq!(config["queues"][0]["name"], "orders");
+    assert_eq!(config["queues"][0]["prefetch"], 40, "{config}");
+
+    // Out of range: refused, naming the annotation and the range.
+    let file = tuned_deployment(dir.path(), "        warren.dev/consumer-prefetch: \"0\"\n");
+    let (ok, out, err) = inject(&[&orders, &file]);
+    assert!(!ok);
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        err.contains("Deployment tuned")
+            && err.contains(
+                "annotation warren.dev/consumer-prefetch: \"0\" is not a whole number from 1 to 65535"
+            ),
+        "{err}"
+    );
+}

@@ -1340,6 +1340,8 @@ async fn reconciles_api_writes_and_management_calls_stay_bounded() {
     assert!(
         ready + 20 * RESYNC * 2 >= published,
         "counts lag: {ready} of {published}"
+    );
+}
 
 /// The `BrokerObjectsLeft` events (events.k8s.io) in namespace `ns`.
 fn objects_left_events(plane: &ControlPlane, ns: &str) -> Result<Vec<Value>, String> {
@@ -1451,4 +1453,209 @@ async fn deletions_finish_without_the_broker_secret() {
             && note.contains("queues audit, audit.parked"),
         "{note}"
     );
+}
+
+/// The status of RetryPolicy `name` in `shop` once the operator has written
+/// the given generation, as (Valid status, tiers); `Err` until then.
+fn rp_status(plane: &ControlPlane, name: &str, generation: i64) -> Result<(Value, Value), String> {
+    let rp = get_json(plane, &["get", "rp", name, "-n", SHOP])?;
+    let status = &rp["status"];
+    if status["observedGeneration"] != generation {
+        return Err(rp.to_string());
+    }
+    let valid = status["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Valid"))
+        .cloned()
+        .ok_or_else(|| rp.to_string())?;
+    Ok((valid, status["tiers"].clone()))
+}
+
+/// The row of RetryPolicy `name` in `kubectl get rp` without its name and
+/// age: Max Retries, Strategy and Tiers.
+fn rp_row(plane: &ControlPlane, name: &str) -> Result<String, String> {
+    let out = plane
+        .kubectl_ok(&["get", "rp", "-n", SHOP])
+        .map_err(|e| format!("{e:#}"))?;
+    let header: Vec<&str> = out
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    if header != ["NAME", "MAX", "RETRIES", "STRATEGY", "TIERS", "AGE"] {
+        return Err(format!("unexpected header: {out}"));
+    }
+    let line = out
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .ok_or_else(|| out.clone())?;
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    Ok(cols[1..cols.len() - 1].join(" "))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_policy_status_and_consumer_settings_from_annotations() {
+    // The operator runs as the chart's ServiceAccount, with its RBAC only.
+    let shop = shop(&[]).await;
+    let plane = &shop.plane;
+    let ns = SHOP;
+
+    // A RetryPolicy gets Valid=True and the tiers its plan creates.
+    plane
+        .apply_yaml(
+            "apiVersion: warren.dev/v1alpha1\nkind: RetryPolicy\nmetadata:\n  name: standard\n  namespace: shop\n\
+             spec:\n  maxRetries: 3\n  backoff:\n    initial: 1s\n    multiplier: 2\n    max: 1m\n",
+        )
+        .unwrap();
+    let (valid, tiers) = eventually(Duration::from_secs(60), "the status of standard", || {
+        rp_status(plane, "standard", 1)
+    });
+    assert_eq!(valid["status"], "True", "{valid}");
+    assert_eq!(valid["reason"], "Valid", "{valid}");
+    assert_eq!(valid["observedGeneration"], 1, "{valid}");
+    assert_eq!(tiers, serde_json::json!(["1s", "2s", "4s"]));
+    assert_eq!(
+        rp_row(plane, "standard").unwrap(),
+        r#"3 ttlTiers ["1s","2s","4s"]"#
+    );
+    // Written by server-side apply under the operator's field manager.
+    let rp = get_json(
+        plane,
+        &["get", "rp", "standard", "-n", ns, "--show-managed-fields"],
+    )
+    .unwrap();
+    assert!(
+        rp["metadata"]["managedFields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["manager"] == "warren-operator"
+                && m["operation"] == "Apply"
+                && m["subresource"] == "status"),
+        "{rp}"
+    );
+    // Written once: its own write does not make the operator write again.
+    let version = rp["metadata"]["resourceVersion"].clone();
+    std::thread::sleep(Duration::from_secs(5));
+    let again = get_json(plane, &["get", "rp", "standard", "-n", ns]).unwrap();
+    assert_eq!(
+        again["metadata"]["resourceVersion"], version,
+        "the status was written again: {again}"
+    );
+
+    // A change of the policy updates the tiers (and the column).
+    plane
+        .kubectl_ok(&[
+            "patch",
+            "rp",
+            "standard",
+            "-n",
+            ns,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"maxRetries":5,"backoff":{"initial":"500ms","max":"4s"}}}"#,
+        ])
+        .unwrap();
+    let (valid, tiers) = eventually(Duration::from_secs(60), "the new tiers", || {
+        rp_status(plane, "standard", 2)
+    });
+    assert_eq!(valid["status"], "True", "{valid}");
+    assert_eq!(tiers, serde_json::json!(["500ms", "1s", "2s", "4s"]));
+    assert_eq!(
+        rp_row(plane, "standard").unwrap(),
+        r#"5 ttlTiers ["500ms","1s","2s","4s"]"#
+    );
+
+    // The delayed-message strategy has no tiers.
+    plane
+        .apply_yaml(
+            "apiVersion: warren.dev/v1alpha1\nkind: RetryPolicy\nmetadata:\n  name: delayed\n  namespace: shop\n\
+             spec:\n  delayStrategy: delayedMessageExchange\n",
+        )
+        .unwrap();
+    let (valid, tiers) = eventually(Duration::from_secs(60), "the status of delayed", || {
+        rp_status(plane, "delayed", 1)
+    });
+    assert_eq!(valid["status"], "True", "{valid}");
+    assert_eq!(tiers, serde_json::json!([]), "{valid}");
+    // Every policy the planner refuses is refused by the schema before the
+    // operator sees it.
+    let refused = plane
+        .apply_yaml(
+            "apiVersion: warren.dev/v1alpha1\nkind: RetryPolicy\nmetadata:\n  name: broken\n  namespace: shop\n\
+             spec:\n  backoff:\n    initial: 10s\n    max: 1s\n",
+        )
+        .expect_err("max below initial is refused");
+    assert!(
+        format!("{refused:#}").contains("backoff.max must be at least backoff.initial"),
+        "{refused:#}"
+    );
+
+    // Consumer settings per workload: a Deployment's annotations reach the
+    // injected sidecar's config. Opted in by label and annotation alike.
+    let template_meta = |name: &str, settings: &str| {
+        format!(
+            "      labels: {{app: {name}, warren.dev/inject: enabled}}\n      annotations:\n\
+             \x20       warren.dev/inject: enabled\n        warren.dev/queues: orders\n\
+             \x20       warren.dev/app-port: \"8080\"\n{settings}"
+        )
+    };
+    let settings = "        warren.dev/consumer-prefetch: \"40\"\n\
+                    \x20       warren.dev/consumer-concurrency: \"3\"\n\
+                    \x20       warren.dev/delivery-timeout: 45s\n";
+    plane
+        .apply_yaml(&format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: tuned\n  namespace: shop\n\
+             spec:\n  replicas: 1\n  selector:\n    matchLabels: {{app: tuned}}\n\
+             \x20 template:\n    metadata:\n{}    spec:\n      containers:\n\
+             \x20       - name: app\n          image: registry.example.com/tuned:1\n",
+            template_meta("tuned", settings)
+        ))
+        .unwrap();
+    let pod = eventually(Duration::from_secs(60), "the pod of tuned", || {
+        pods(plane, ns, "app=tuned")
+            .into_iter()
+            .next()
+            .ok_or_else(|| "no pod".to_string())
+    });
+    let sidecar = pod["spec"]["initContainers"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "warren-sidecar"))
+        .unwrap_or_else(|| panic!("no sidecar: {pod}"));
+    let config = sidecar["env"]
+        .as_array()
+        .and_then(|env| env.iter().find(|e| e["name"] == "WARREN_CONFIG_JSON"))
+        .and_then(|e| e["value"].as_str())
+        .unwrap_or_else(|| panic!("no consumer config: {sidecar}"));
+    let config: Value = serde_json::from_str(config).unwrap();
+    assert_eq!(config["app"]["concurrency"], 3, "{config}");
+    assert_eq!(config["app"]["timeout"], "45s", "{config}");
+    assert_eq!(config["queues"][0]["name"], "orders", "{config}");
+    assert_eq!(config["queues"][0]["prefetch"], 40, "{config}");
+
+    // A bad value: the API server refuses the pod with the webhook's
+    // message, which names the annotation and the accepted range.
+    let bad = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: impatient\n  namespace: shop\n{}\
+         spec:\n  containers:\n    - name: app\n      image: registry.example.com/tuned:1\n",
+        template_meta(
+            "impatient",
+            "        warren.dev/delivery-timeout: forever\n"
+        )
+        .lines()
+        .map(|l| format!("{}\n", &l[4..]))
+        .collect::<String>()
+    );
+    let refused = plane.apply_yaml(&bad).expect_err("the pod is refused");
+    let text = format!("{refused:#}");
+    assert!(
+        text.contains("admission webhook")
+            && text.contains("annotation warren.dev/delivery-timeout: ")
+            && text.contains("forever")
+            && text.contains("is not a duration from 1ms to 14m"),
+        "{text}"
+    );
+    let gone = plane.kubectl_ok(&["get", "pod", "impatient", "-n", ns]);
+    assert!(gone.is_err(), "the refused pod exists: {gone:?}");
 }
