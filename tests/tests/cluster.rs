@@ -979,6 +979,8 @@ async fn the_operator_holds_exactly_the_permissions_it_uses() {
     );
 
     // watchNamespaces: Roles in the listed namespaces, nothing elsewhere.
+    plane.apply_yaml(&broker_secret("shop", &node)).unwrap();
+    plane.apply_yaml(&broker_secret("other", &node)).unwrap();
     plane
         .helm_ok(&[
             "upgrade",
@@ -992,8 +994,6 @@ async fn the_operator_holds_exactly_the_permissions_it_uses() {
             "--wait=false",
         ])
         .expect("helm upgrade with watchNamespaces");
-    plane.apply_yaml(&broker_secret("shop", &node)).unwrap();
-    plane.apply_yaml(&broker_secret("other", &node)).unwrap();
     assert_permissions(
         operator_permissions(&plane, "shop"),
         &namespaced_permissions() | &webhook_config_permissions(),
