@@ -1,7 +1,7 @@
-//! Sidecar injection as a pure function: a pod spec, its annotations and
-//! the ReliableQueues and RetryPolicies they name in; the same pod spec with
-//! the sidecar, its outbox volume, its broker credentials and its rendered
-//! consumer configuration out.
+//! Sidecar injection as a pure function: a pod spec, its labels and
+//! annotations and the ReliableQueues and RetryPolicies they name in; the
+//! same pod spec with the sidecar, its outbox volume, its broker
+//! credentials and its rendered consumer configuration out.
 //!
 //! The admission webhook ([`crate::admission`]) calls it on every Pod
 //! CREATE, and `warren-operator inject -f` calls it on the pod templates of
@@ -1027,6 +1027,53 @@ mod tests {
             let e = run(&a).unwrap_err().to_string();
             assert!(e.contains(RELAY_POSTGRES_SECRET), "{e}");
         }
+    }
+
+    #[test]
+    fn the_label_opts_in_and_an_opt_out_anywhere_wins() {
+        let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        type Pairs<'a> = &'a [(&'a str, &'a str)];
+        let cases: &[(Pairs, Pairs, bool)] = &[
+            (&[(INJECT, "enabled")], &[], true),
+            (&[], &[(INJECT, "enabled")], true),
+            (&[(INJECT, "enabled")], &[(INJECT, "enabled")], true),
+            (&[(INJECT, "disabled")], &[(INJECT, "enabled")], false),
+            (&[(INJECT, "enabled")], &[(INJECT, "disabled")], false),
+            (&[], &[], false),
+        ];
+        for (labels, annotations, want) in cases {
+            assert_eq!(
+                opted_in(&map(labels), &map(annotations)).unwrap(),
+                *want,
+                "{labels:?} {annotations:?}"
+            );
+        }
+        let e = opted_in(&map(&[(INJECT, "true")]), &map(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("label warren.dev/inject: \"true\""), "{e}");
+
+        // Labelled, with the settings in annotations: injected.
+        let (mut meta, mut spec) = pod(&[(QUEUES, "orders")]);
+        meta.labels = Some(map(&[(INJECT, "enabled")]));
+        let outcome = inject(
+            &mut meta,
+            &mut spec,
+            &resources(),
+            &InjectionConfig::default(),
+            true,
+        )
+        .unwrap();
+        assert_eq!(outcome, Outcome::Injected);
+        // Annotated only: injected, and labelled so its pods reach the
+        // webhook.
+        let (_, meta, _) = run(&[(INJECT, "enabled"), (QUEUES, "orders")]).unwrap();
+        assert_eq!(meta.labels.unwrap()[INJECT], "enabled");
     }
 
     #[test]
