@@ -432,7 +432,12 @@ def check_chart(case, docs, values, chart, report):
         expect.equal(hook.get("reinvocationPolicy"), "Never", "reinvocationPolicy")
         expect.equal(hook.get("failurePolicy"), values["webhook"]["failurePolicy"], "failurePolicy")
         expect.equal(hook.get("timeoutSeconds"), values["webhook"]["timeoutSeconds"], "timeoutSeconds")
-        expect.equal(hook.get("objectSelector"), values["webhook"]["objectSelector"], "objectSelector")
+        # Only opted-in pods reach the webhook; the value adds conditions.
+        user_objects = values["webhook"]["objectSelector"]
+        want_objects = {"matchLabels": dict(user_objects.get("matchLabels") or {}, **{"warren.dev/inject": "enabled"})}
+        if user_objects.get("matchExpressions"):
+            want_objects["matchExpressions"] = user_objects["matchExpressions"]
+        expect.equal(hook.get("objectSelector"), want_objects, "objectSelector")
         nsel = hook.get("namespaceSelector", {})
         excluded = [
             e for e in nsel.get("matchExpressions", [])
@@ -535,7 +540,7 @@ def check_chart(case, docs, values, chart, report):
         cm = configmaps[0]
         expect.equal(mount_of("configMap", "name", cm["metadata"]["name"]), directory, "mount of ConfigMap %s" % cm["metadata"]["name"])
         s = values["sidecar"]
-        outbox = {k: s["outbox"][k] for k in ("size", "accessModes", "idleBeforeDrain", "drainJobTtl")}
+        outbox = {k: s["outbox"][k] for k in ("size", "accessModes", "idleBeforeDrain", "drainJobTtl", "drainDeadline")}
         if s["outbox"].get("storageClassName") is not None:
             outbox["storageClassName"] = s["outbox"]["storageClassName"]
         want = {

@@ -1,7 +1,7 @@
-//! Sidecar injection as a pure function: a pod spec, its annotations and
-//! the ReliableQueues and RetryPolicies they name in; the same pod spec with
-//! the sidecar, its outbox volume, its broker credentials and its rendered
-//! consumer configuration out.
+//! Sidecar injection as a pure function: a pod spec, its labels and
+//! annotations and the ReliableQueues and RetryPolicies they name in; the
+//! same pod spec with the sidecar, its outbox volume, its broker
+//! credentials and its rendered consumer configuration out.
 //!
 //! The admission webhook ([`crate::admission`]) calls it on every Pod
 //! CREATE, and `warren-operator inject -f` calls it on the pod templates of
@@ -27,7 +27,9 @@ use warren_crds::retry::RetryPolicySpec;
 use warren_crds::retry_policy::RetryPolicy;
 use warren_crds::sidecar_config::{AppEndpoint, ConsumeQueue, SidecarConfig};
 
-/// `enabled` injects the sidecar, `disabled` opts out.
+/// The opt-in, a label (what the webhook's `objectSelector` matches; the
+/// annotation of the same name is accepted too): `enabled` injects the
+/// sidecar, `disabled` opts out.
 pub const INJECT: &str = "warren.dev/inject";
 /// Comma-separated ReliableQueues (same namespace) the app uses.
 pub const QUEUES: &str = "warren.dev/queues";
@@ -133,10 +135,14 @@ pub struct OutboxSettings {
     pub size: String,
     /// Access modes of new claims.
     pub access_modes: Vec<String>,
-    /// A claim no pod has used for this long is drained by a Job.
+    /// A claim no pod has held for this long (counted from when the pool
+    /// keeper first saw it released) is drained by a Job.
     pub idle_before_drain: HumanDuration,
     /// Finished drain Jobs are removed after this long.
     pub drain_job_ttl: HumanDuration,
+    /// A drain Job still running after this long is stopped and counts as
+    /// failed (its `activeDeadlineSeconds`).
+    pub drain_deadline: HumanDuration,
 }
 
 impl Default for OutboxSettings {
@@ -147,6 +153,7 @@ impl Default for OutboxSettings {
             access_modes: vec!["ReadWriteOnce".into()],
             idle_before_drain: HumanDuration::from_secs(120),
             drain_job_ttl: HumanDuration::from_secs(600),
+            drain_deadline: HumanDuration::from_secs(1800),
         }
     }
 }
@@ -187,6 +194,8 @@ impl InjectionConfig {
 pub enum InjectError {
     #[error("annotation {key}: {message}")]
     Annotation { key: &'static str, message: String },
+    #[error("label {key}: {message}")]
+    Label { key: &'static str, message: String },
     #[error("ReliableQueue {0:?} (named in {QUEUES}) does not exist in this namespace")]
     MissingQueue(String),
     #[error(
@@ -413,17 +422,48 @@ fn list(value: &str) -> Vec<String> {
     out
 }
 
-/// Reads the annotations: `Ok(None)` when injection is not asked for (no
-/// `warren.dev/inject`, or `disabled`).
-pub fn parse_annotations(
+/// Whether a pod (or pod template) asks for the sidecar: the label or the
+/// annotation [`INJECT`] says `enabled`, and neither says `disabled` (an
+/// opt-out wins). Any other value of either is an error.
+pub fn opted_in(
+    labels: &BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
+) -> Result<bool, InjectError> {
+    let label = match labels.get(INJECT).map(|v| v.trim()) {
+        None => None,
+        Some("enabled") => Some(true),
+        Some("disabled") => Some(false),
+        Some(other) => {
+            return Err(InjectError::Label {
+                key: INJECT,
+                message: format!("{other:?} is neither \"enabled\" nor \"disabled\""),
+            });
+        }
+    };
+    let annotation = annotations
+        .contains_key(INJECT)
+        .then(|| {
+            choice(
+                annotations,
+                INJECT,
+                [("enabled", true), ("disabled", false)],
+                false,
+            )
+        })
+        .transpose()?;
+    Ok(match (label, annotation) {
+        (Some(false), _) | (_, Some(false)) => false,
+        (l, a) => l.or(a).unwrap_or(false),
+    })
+}
+
+/// Reads what a pod asks for: `Ok(None)` when injection is not asked for
+/// (see [`opted_in`]); the settings come from the annotations.
+pub fn parse_request(
+    labels: &BTreeMap<String, String>,
     annotations: &BTreeMap<String, String>,
 ) -> Result<Option<Request>, InjectError> {
-    if !choice(
-        annotations,
-        INJECT,
-        [("enabled", true), ("disabled", false)],
-        false,
-    )? {
+    if !opted_in(labels, annotations)? {
         return Ok(None);
     }
     let queues = annotations.get(QUEUES).map(|v| list(v)).unwrap_or_default();
@@ -810,7 +850,8 @@ pub fn inject(
     outbox_volume: bool,
 ) -> Result<Outcome, InjectError> {
     let annotations = meta.annotations.clone().unwrap_or_default();
-    let Some(request) = parse_annotations(&annotations)? else {
+    let labels = meta.labels.clone().unwrap_or_default();
+    let Some(request) = parse_request(&labels, &annotations)? else {
         return Ok(Outcome::Skipped);
     };
     let resolved = resolve(&request, resources)?;
@@ -894,6 +935,12 @@ pub fn inject(
     meta.annotations
         .get_or_insert_with(BTreeMap::new)
         .insert(INJECTED.into(), "true".into());
+    // Opted in by the annotation alone, a template's pods would not reach
+    // the webhook (it sees labelled pods only) and would run with the
+    // placeholder outbox: the label makes them.
+    meta.labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(INJECT.into(), "enabled".into());
     Ok(Outcome::Injected)
 }
 
@@ -905,13 +952,20 @@ fn empty_dir_volume() -> Volume {
     }
 }
 
+/// What a pod (or template) asks for, if it asks and the ask is valid.
+pub fn request_of(meta: &ObjectMeta) -> Option<Request> {
+    let empty = BTreeMap::new();
+    parse_request(
+        meta.labels.as_ref().unwrap_or(&empty),
+        meta.annotations.as_ref().unwrap_or(&empty),
+    )
+    .ok()
+    .flatten()
+}
+
 /// Whether the pod's outbox volume still needs a claim bound to it.
 pub fn needs_claim(meta: &ObjectMeta, spec: &PodSpec) -> bool {
-    let wants_claim = meta
-        .annotations
-        .as_ref()
-        .and_then(|a| parse_annotations(a).ok().flatten())
-        .is_some_and(|r| r.outbox == OutboxMode::Claim);
+    let wants_claim = request_of(meta).is_some_and(|r| r.outbox == OutboxMode::Claim);
     wants_claim
         && spec
             .volumes
@@ -1075,6 +1129,53 @@ mod tests {
             let e = run(&a).unwrap_err().to_string();
             assert!(e.contains(RELAY_POSTGRES_SECRET), "{e}");
         }
+    }
+
+    #[test]
+    fn the_label_opts_in_and_an_opt_out_anywhere_wins() {
+        let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        type Pairs<'a> = &'a [(&'a str, &'a str)];
+        let cases: &[(Pairs, Pairs, bool)] = &[
+            (&[(INJECT, "enabled")], &[], true),
+            (&[], &[(INJECT, "enabled")], true),
+            (&[(INJECT, "enabled")], &[(INJECT, "enabled")], true),
+            (&[(INJECT, "disabled")], &[(INJECT, "enabled")], false),
+            (&[(INJECT, "enabled")], &[(INJECT, "disabled")], false),
+            (&[], &[], false),
+        ];
+        for (labels, annotations, want) in cases {
+            assert_eq!(
+                opted_in(&map(labels), &map(annotations)).unwrap(),
+                *want,
+                "{labels:?} {annotations:?}"
+            );
+        }
+        let e = opted_in(&map(&[(INJECT, "true")]), &map(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("label warren.dev/inject: \"true\""), "{e}");
+
+        // Labelled, with the settings in annotations: injected.
+        let (mut meta, mut spec) = pod(&[(QUEUES, "orders")]);
+        meta.labels = Some(map(&[(INJECT, "enabled")]));
+        let outcome = inject(
+            &mut meta,
+            &mut spec,
+            &resources(),
+            &InjectionConfig::default(),
+            true,
+        )
+        .unwrap();
+        assert_eq!(outcome, Outcome::Injected);
+        // Annotated only: injected, and labelled so its pods reach the
+        // webhook.
+        let (_, meta, _) = run(&[(INJECT, "enabled"), (QUEUES, "orders")]).unwrap();
+        assert_eq!(meta.labels.unwrap()[INJECT], "enabled");
     }
 
     #[test]

@@ -60,10 +60,12 @@ enum Command {
         webhook: WebhookArgs,
     },
     /// Prints the documents of FILEs with the sidecar injected into the
-    /// Pods, Deployments and StatefulSets annotated `warren.dev/inject:
-    /// enabled`, exactly as the webhook injects it (the ReliableQueues and
-    /// RetryPolicies they name come from the same files). Exit status 1,
-    /// and nothing printed, when one cannot be injected.
+    /// Pods, Deployments and StatefulSets labelled (or annotated)
+    /// `warren.dev/inject: enabled`, exactly as the webhook injects it (the
+    /// ReliableQueues and RetryPolicies they name come from the same
+    /// files). A workload opted in by the annotation alone gets the label
+    /// too (the webhook sees labelled pods only), and stderr says so. Exit
+    /// status 1, and nothing printed, when one cannot be injected.
     Inject {
         /// YAML files; documents of other kinds are printed unchanged.
         #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
@@ -208,8 +210,13 @@ fn inject(files: &[PathBuf], config: Option<&std::path::Path>) -> anyhow::Result
     for workload in &out.injected {
         eprintln!("{workload}: sidecar injected");
     }
+    for workload in &out.labelled {
+        eprintln!(
+            "{workload}: opted in by annotation only; labelled warren.dev/inject=enabled, as the webhook sees only labelled pods"
+        );
+    }
     if out.injected.is_empty() {
-        eprintln!("nothing annotated warren.dev/inject: enabled");
+        eprintln!("nothing labelled or annotated warren.dev/inject: enabled");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -405,9 +412,9 @@ async fn run(
         client.clone(),
         injection.clone(),
     ));
-    let handler: warren_operator::webhook::Handler = Arc::new(move |request| {
+    let handler: warren_operator::webhook::Handler = Arc::new(move |request, object| {
         let injector = injector.clone();
-        Box::pin(async move { injector.admit(request).await })
+        Box::pin(async move { injector.admit(request, object).await })
     });
     let _webhook = tokio::select! {
         started = warren_operator::webhook::start_webhook(

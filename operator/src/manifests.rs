@@ -271,10 +271,25 @@ pub struct Injected {
     pub yaml: String,
     /// `Kind/name` of each workload that got the sidecar.
     pub injected: Vec<String>,
+    /// `Kind/name` of each injected workload that was opted in by the
+    /// annotation alone: its pod template (or the Pod) now carries the
+    /// label `warren.dev/inject: enabled` too, without which the webhook
+    /// would not see its pods.
+    pub labelled: Vec<String>,
 }
 
-/// Injects the sidecar into the annotated Pods, Deployments and
-/// StatefulSets of `paths`, as the webhook would at Pod CREATE; the
+/// Whether `meta` carries the opt-in label.
+fn labelled(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get(crate::inject::INJECT))
+        .is_some_and(|v| v.trim() == "enabled")
+}
+
+/// Injects the sidecar into the opted-in (labelled or annotated
+/// `warren.dev/inject: enabled`) Pods, Deployments and StatefulSets of
+/// `paths`, as the webhook would at Pod CREATE; an injected template
+/// always carries the label, which the webhook's objectSelector matches. The
 /// ReliableQueues and RetryPolicies they name come from the same files.
 /// A StatefulSet gets a `warren-outbox` volume claim template (one claim
 /// per ordinal); Deployments and Pods get a placeholder volume that the
@@ -316,6 +331,7 @@ pub fn inject_files(
     let mut out = Injected {
         yaml: String::new(),
         injected: Vec::new(),
+        labelled: Vec::new(),
     };
     for (path, index, value) in docs {
         let err = |message: String| ManifestError::Parse {
@@ -333,6 +349,7 @@ pub fn inject_files(
                     .spec
                     .as_mut()
                     .ok_or_else(|| err("Pod has no spec".into()))?;
+                let was_labelled = labelled(&pod.metadata);
                 let outcome = inject::inject(&mut pod.metadata, spec, &resources, config, true)
                     .map_err(|e| {
                         err(format!(
@@ -341,10 +358,11 @@ pub fn inject_files(
                         ))
                     })?;
                 if outcome == Outcome::Injected {
-                    out.injected.push(format!(
-                        "Pod/{}",
-                        pod.metadata.name.clone().unwrap_or_default()
-                    ));
+                    let name = format!("Pod/{}", pod.metadata.name.clone().unwrap_or_default());
+                    if !was_labelled {
+                        out.labelled.push(name.clone());
+                    }
+                    out.injected.push(name);
                 }
                 serde_yaml_ng::to_string(&pod)
             }
@@ -358,9 +376,13 @@ pub fn inject_files(
                     .spec
                     .as_mut()
                     .ok_or_else(|| err("Deployment has no pod template spec".into()))?;
+                let was_labelled = labelled(meta);
                 let outcome = inject::inject(meta, spec, &resources, config, true)
                     .map_err(|e| err(format!("Deployment {name}: {e}")))?;
                 if outcome == Outcome::Injected {
+                    if !was_labelled {
+                        out.labelled.push(format!("Deployment/{name}"));
+                    }
                     out.injected.push(format!("Deployment/{name}"));
                 }
                 serde_yaml_ng::to_string(&d)
@@ -371,17 +393,14 @@ pub fn inject_files(
                 let name = s.metadata.name.clone().unwrap_or_default();
                 let sts = &mut s.spec;
                 let meta = sts.template.metadata.get_or_insert_with(Default::default);
-                let wants_claim = inject::parse_annotations(
-                    meta.annotations.as_ref().unwrap_or(&Default::default()),
-                )
-                .ok()
-                .flatten()
-                .is_some_and(|r| r.outbox == inject::OutboxMode::Claim);
+                let wants_claim =
+                    inject::request_of(meta).is_some_and(|r| r.outbox == inject::OutboxMode::Claim);
                 let spec = sts
                     .template
                     .spec
                     .as_mut()
                     .ok_or_else(|| err("StatefulSet has no pod template spec".into()))?;
+                let was_labelled = labelled(meta);
                 let outcome = inject::inject(meta, spec, &resources, config, !wants_claim)
                     .map_err(|e| err(format!("StatefulSet {name}: {e}")))?;
                 if outcome == Outcome::Injected {
@@ -413,6 +432,9 @@ pub fn inject_files(
                                 ..Default::default()
                             });
                         }
+                    }
+                    if !was_labelled {
+                        out.labelled.push(format!("StatefulSet/{name}"));
                     }
                     out.injected.push(format!("StatefulSet/{name}"));
                 }

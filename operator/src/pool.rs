@@ -18,9 +18,16 @@
 //! - **Named claims.** A StatefulSet's pod (and a bare pod with a fixed
 //!   name) gets the claim `warren-outbox-<pod>`, created when missing: one
 //!   claim per ordinal, as a volume claim template would give.
-//! - **Drain Jobs.** The leader checks every claim periodically. A claim no
-//!   pod has held for `idleBeforeDrain` may still hold messages; a Job
-//!   running `warren-sidecar --drain` on it forwards them and exits. A
+//!   Taking it is the same compare-and-swap; a named claim a drain Job
+//!   holds is not handed out: the pod is refused with the reason, and its
+//!   controller (the StatefulSet's) tries again.
+//! - **Drain Jobs.** The leader checks every claim periodically. The first
+//!   pass that finds a claim no longer held records the time
+//!   (`warren.dev/released-at`); a claim released `idleBeforeDrain` ago may
+//!   still hold messages; a Job running `warren-sidecar --drain` on it
+//!   forwards them and exits, within `drainDeadline`
+//!   (`activeDeadlineSeconds`). Marking a claim for a drain is a
+//!   compare-and-swap too, so a pod and a drain never both get it. A
 //!   drained pool claim beyond the workload's replica count is deleted, so
 //!   the pool shrinks with the workload; a claim whose drain failed is
 //!   kept (it holds messages the broker refused) and reported.
@@ -50,6 +57,10 @@ pub const MANAGER: &str = "warren";
 pub const POOL_LABEL: &str = "warren.dev/pool";
 /// When the claim was last handed to a pod (RFC 3339).
 pub const CLAIMED_AT: &str = "warren.dev/claimed-at";
+/// When the pool keeper first saw the claim no longer held after its last
+/// hand-out (RFC 3339); valid only if newer than [`CLAIMED_AT`]. A claim's
+/// idle time counts from here.
+pub const RELEASED_AT: &str = "warren.dev/released-at";
 /// The drain Job working on the claim.
 pub const DRAINING: &str = "warren.dev/draining";
 /// When the claim was last drained completely.
@@ -98,6 +109,12 @@ pub enum PoolError {
         "no outbox claim could be taken in pool {0:?} after {ATTEMPTS} attempts (too many pods racing)"
     )]
     Contended(String),
+    #[error(
+        "outbox claim {claim} is being drained by Job {job}; the pod can have it once the drain has ended"
+    )]
+    Draining { claim: String, job: String },
+    #[error("outbox claim {0} is being deleted; the pod can have a new one once it is gone")]
+    Deleting(String),
 }
 
 /// A label value: at most 63 characters; longer names are cut and given a
@@ -221,6 +238,40 @@ pub fn free_claim<'a>(
     free.into_iter().next()
 }
 
+/// Whether an existing named claim may be handed to its pod: not while a
+/// drain Job holds it, nor while it is being deleted.
+pub fn named_claim_available(pvc: &PersistentVolumeClaim) -> Result<(), PoolError> {
+    if let Some(job) = annotation(pvc, DRAINING) {
+        return Err(PoolError::Draining {
+            claim: pvc.name_any(),
+            job: job.to_owned(),
+        });
+    }
+    if pvc.metadata.deletion_timestamp.is_some() {
+        return Err(PoolError::Deleting(pvc.name_any()));
+    }
+    Ok(())
+}
+
+/// The merge patch that hands `pvc` to a pod: a compare-and-swap on its
+/// `resourceVersion` (a concurrent hand-out or drain makes it fail with
+/// 409), the time, the broker environment for a later drain Job, and no
+/// release time any more.
+pub fn hand_out_patch(
+    pvc: &PersistentVolumeClaim,
+    env: &[EnvVar],
+    now: Timestamp,
+) -> serde_json::Value {
+    json!({"metadata": {
+        "resourceVersion": pvc.resource_version(),
+        "annotations": {
+            CLAIMED_AT: now.to_string(),
+            RELEASED_AT: null,
+            SIDECAR_ENV: serde_json::to_string(env).expect("env serialises"),
+        },
+    }})
+}
+
 /// The name of the first `warren-outbox-<key>-<n>` not taken.
 pub fn next_claim_name(key: &str, claims: &[PersistentVolumeClaim]) -> String {
     let names: BTreeSet<String> = claims.iter().map(|c| c.name_any()).collect();
@@ -272,6 +323,54 @@ impl ClaimPool {
         }
     }
 
+    /// Takes the named claim (a StatefulSet ordinal's, a named pod's), or
+    /// creates it. Taking it is a compare-and-swap on its
+    /// `resourceVersion`, as for pool claims; a claim a drain Job holds
+    /// (marked by the pool keeper with the same compare-and-swap, so the
+    /// two never both win) is refused: the pod's controller retries.
+    async fn acquire_named(
+        &self,
+        claims: &Api<PersistentVolumeClaim>,
+        name: &str,
+        source: &ClaimSource,
+        env: &[EnvVar],
+        now: Timestamp,
+    ) -> Result<String, PoolError> {
+        for attempt in 0..ATTEMPTS {
+            match claims.get_opt(name).await? {
+                Some(pvc) => {
+                    named_claim_available(&pvc)?;
+                    let patch = hand_out_patch(&pvc, env, now);
+                    match claims
+                        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                    {
+                        Ok(_) => return Ok(name.to_owned()),
+                        Err(kube::Error::Api(e)) if e.code == 409 => {
+                            tracing::debug!(claim = %name, attempt, "claim changed concurrently; reading it again");
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                None => {
+                    let pvc = PersistentVolumeClaim {
+                        metadata: self.claim_meta(name, source, env, now),
+                        spec: Some(self.config.claim_spec()),
+                        ..Default::default()
+                    };
+                    match claims.create(&PostParams::default(), &pvc).await {
+                        Ok(_) => return Ok(name.to_owned()),
+                        // Created meanwhile (a retried admission): take it
+                        // as any existing claim.
+                        Err(kube::Error::Api(e)) if e.code == 409 => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        Err(PoolError::Contended(name.to_owned()))
+    }
+
     /// Takes a claim for a new pod in `namespace` and returns its name.
     /// `env` is the sidecar's broker environment, kept on the claim for a
     /// later drain Job.
@@ -285,30 +384,7 @@ impl ClaimPool {
         let claims: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), namespace);
         let key = match source {
             ClaimSource::Named(name) => {
-                // One pod per name at a time: take it, or create it.
-                let meta = self.claim_meta(name, source, env, now);
-                return match claims.get_opt(name).await? {
-                    Some(_) => {
-                        let patch = json!({"metadata": {"annotations": meta.annotations}});
-                        claims
-                            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-                            .await?;
-                        Ok(name.clone())
-                    }
-                    None => {
-                        let pvc = PersistentVolumeClaim {
-                            metadata: meta,
-                            spec: Some(self.config.claim_spec()),
-                            ..Default::default()
-                        };
-                        match claims.create(&PostParams::default(), &pvc).await {
-                            Ok(_) => Ok(name.clone()),
-                            // Created meanwhile by a retried admission.
-                            Err(kube::Error::Api(e)) if e.code == 409 => Ok(name.clone()),
-                            Err(e) => Err(e.into()),
-                        }
-                    }
-                };
+                return self.acquire_named(&claims, name, source, env, now).await;
             }
             ClaimSource::Pool { key, .. } => key,
         };
@@ -329,13 +405,7 @@ impl ClaimPool {
                 // The resourceVersion makes this a compare-and-swap: a
                 // concurrent admission that took the claim first makes it
                 // fail with 409, and this one tries again.
-                let patch = json!({"metadata": {
-                    "resourceVersion": free.resource_version(),
-                    "annotations": {
-                        CLAIMED_AT: now.to_string(),
-                        SIDECAR_ENV: serde_json::to_string(env).expect("env serialises"),
-                    },
-                }});
+                let patch = hand_out_patch(free, env, now);
                 match claims
                     .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await
@@ -369,7 +439,11 @@ impl ClaimPool {
 /// What the pool keeper does to one claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PoolAction {
-    /// Idle with possibly undelivered messages: start a drain Job.
+    /// Seen no longer held for the first time since its last hand-out:
+    /// record the time (its idle time counts from here).
+    Released { namespace: String, claim: String },
+    /// Idle (released for `idleBeforeDrain`) with possibly undelivered
+    /// messages: start a drain Job.
     Drain { namespace: String, claim: String },
     /// Its drain Job ended (`ok`: everything forwarded).
     Drained {
@@ -408,6 +482,16 @@ fn job_outcome(job: &Job) -> Option<(bool, String)> {
         }
     }
     None
+}
+
+/// When the claim was released after its last hand-out, if that is
+/// recorded: [`RELEASED_AT`], if newer than [`CLAIMED_AT`].
+pub fn released_at(pvc: &PersistentVolumeClaim) -> Option<Timestamp> {
+    let released = timestamp(pvc, RELEASED_AT)?;
+    match timestamp(pvc, CLAIMED_AT) {
+        Some(claimed) if claimed >= released => None,
+        _ => Some(released),
+    }
 }
 
 /// Decides what to do with every Warren claim. `replicas` has the desired
@@ -480,11 +564,23 @@ pub fn plan_pools(
             // Kept with what the broker refused; a person decides.
             continue;
         }
-        if older_than(claimed, now, idle_before_drain) {
-            actions.push(PoolAction::Drain {
+        match released_at(c) {
+            // Idle time counts from the release, not from the hand-out: a
+            // claim held for days is not drained the moment its pod goes.
+            Some(released) => {
+                if older_than(Some(released), now, idle_before_drain) {
+                    actions.push(PoolAction::Drain {
+                        namespace: ns,
+                        claim: name,
+                    });
+                }
+            }
+            // Handed out moments ago: its pod may not be stored yet.
+            None if !older_than(claimed, now, CLAIM_GRACE) => {}
+            None => actions.push(PoolAction::Released {
                 namespace: ns,
                 claim: name,
-            });
+            }),
         }
     }
     for (pool, mut names) in spare {
@@ -537,6 +633,11 @@ pub fn drain_job(claim: &PersistentVolumeClaim, config: &InjectionConfig) -> Job
         },
         spec: Some(JobSpec {
             backoff_limit: Some(3),
+            // A drain that hangs (a broker that takes the connection but
+            // never confirms) ends as failed, and the claim is reported.
+            active_deadline_seconds: Some(
+                i64::try_from(config.outbox.drain_deadline.0.as_secs()).unwrap_or(i64::MAX),
+            ),
             ttl_seconds_after_finished: Some(config.outbox.drain_job_ttl.0.as_secs() as i32),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
@@ -683,6 +784,25 @@ impl PoolKeeper {
         now: Timestamp,
     ) -> Result<(), kube::Error> {
         match action {
+            PoolAction::Released { namespace, claim } => {
+                let pvc = claims[&(namespace.clone(), claim.clone())];
+                // With its resourceVersion: a pod that took the claim
+                // meanwhile wins, and the claim stays held.
+                let patch = json!({"metadata": {
+                    "resourceVersion": pvc.resource_version(),
+                    "annotations": {RELEASED_AT: now.to_string()},
+                }});
+                match Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), namespace)
+                    .patch(claim, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {}
+                    r => {
+                        r?;
+                        tracing::info!(%namespace, %claim, "outbox claim released by its pod");
+                    }
+                }
+            }
             PoolAction::Drain { namespace, claim } => {
                 let pvc = claims[&(namespace.clone(), claim.clone())];
                 let job = drain_job(pvc, &self.config);
@@ -923,6 +1043,76 @@ mod tests {
         assert_eq!(next_claim_name("p", &claims[1..]), "warren-outbox-p-0");
     }
 
+    #[test]
+    fn a_named_claim_is_handed_out_by_compare_and_swap_and_never_while_drained() {
+        let now = Timestamp::now();
+        let free = claim(
+            "warren-outbox-db-0",
+            "",
+            &[(CLAIMED_AT, ago(now, 900)), (RELEASED_AT, ago(now, 600))],
+        );
+        named_claim_available(&free).unwrap();
+        let patch = hand_out_patch(&free, &[], now);
+        assert_eq!(patch["metadata"]["resourceVersion"], "1", "{patch}");
+        assert_eq!(
+            patch["metadata"]["annotations"][CLAIMED_AT],
+            now.to_string()
+        );
+        assert!(
+            patch["metadata"]["annotations"]
+                .as_object()
+                .unwrap()
+                .get(RELEASED_AT)
+                .is_some_and(serde_json::Value::is_null),
+            "the release is forgotten: {patch}"
+        );
+        let draining = claim(
+            "warren-outbox-db-0",
+            "",
+            &[(DRAINING, "warren-drain-warren-outbox-db-0".into())],
+        );
+        let e = named_claim_available(&draining).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "warren-outbox-db-0 is being drained by Job warren-drain-warren-outbox-db-0"
+            ),
+            "{e}"
+        );
+        let mut deleting = free.clone();
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
+        assert!(matches!(
+            named_claim_available(&deleting),
+            Err(PoolError::Deleting(_))
+        ));
+    }
+
+    #[test]
+    fn a_release_counts_only_after_the_last_hand_out() {
+        let now = Timestamp::now();
+        let c = |ann: &[(&str, String)]| claim("warren-outbox-p-0", "p", ann);
+        let at = |secs| now - k8s_openapi::jiff::SignedDuration::from_secs(secs);
+        assert_eq!(
+            released_at(&c(&[
+                (CLAIMED_AT, ago(now, 60)),
+                (RELEASED_AT, ago(now, 30))
+            ])),
+            Some(at(30))
+        );
+        assert_eq!(
+            released_at(&c(&[
+                (CLAIMED_AT, ago(now, 30)),
+                (RELEASED_AT, ago(now, 60))
+            ])),
+            None
+        );
+        assert_eq!(released_at(&c(&[(CLAIMED_AT, ago(now, 30))])), None);
+        assert_eq!(
+            released_at(&c(&[(RELEASED_AT, ago(now, 30))])),
+            Some(at(30))
+        );
+    }
+
     fn job(claim: &str, condition: Option<(&str, &str)>) -> Job {
         Job {
             metadata: ObjectMeta {
@@ -954,15 +1144,18 @@ mod tests {
                 "warren-outbox-deployment-api-0",
                 &[(CLAIMED_AT, ago(now, 9000))],
             ),
-            // idle long enough: drain
+            // released long enough ago: drain
             c(
                 "warren-outbox-deployment-api-1",
-                &[(CLAIMED_AT, ago(now, 600))],
+                &[(CLAIMED_AT, ago(now, 600)), (RELEASED_AT, ago(now, 300))],
             ),
-            // idle, but not long enough
+            // held for days, released, but not long enough ago
             c(
                 "warren-outbox-deployment-api-2",
-                &[(CLAIMED_AT, ago(now, 30))],
+                &[
+                    (CLAIMED_AT, ago(now, 9 * 86400)),
+                    (RELEASED_AT, ago(now, 30)),
+                ],
             ),
             // draining, Job complete
             c(
@@ -999,6 +1192,28 @@ mod tests {
             ),
         ];
         let pods = vec![pod_holding("warren-outbox-deployment-api-0", "Running")];
+        let claims = [
+            claims,
+            vec![
+                // released, not seen so before: record the release, no drain
+                // even though its hand-out is long past
+                c(
+                    "warren-outbox-deployment-api-8",
+                    &[(CLAIMED_AT, ago(now, 9 * 86400))],
+                ),
+                // a release older than the last hand-out does not count
+                c(
+                    "warren-outbox-deployment-api-9",
+                    &[(CLAIMED_AT, ago(now, 600)), (RELEASED_AT, ago(now, 900))],
+                ),
+                // handed out moments ago, its pod not stored yet: left alone
+                c(
+                    "warren-outbox-deployment-api-10",
+                    &[(CLAIMED_AT, ago(now, 5)), (RELEASED_AT, ago(now, 900))],
+                ),
+            ],
+        ]
+        .concat();
         let jobs = vec![
             job("warren-outbox-deployment-api-3", Some(("Complete", ""))),
             job(
@@ -1007,8 +1222,9 @@ mod tests {
             ),
         ];
         let key = ("shop".to_owned(), "deployment-api".to_owned());
-        // The Deployment wants 7 of the 8: one spare claim goes, the highest.
-        let replicas = BTreeMap::from([(key.clone(), Some(7))]);
+        // The Deployment wants 10 of the 11: one spare claim goes, the
+        // highest.
+        let replicas = BTreeMap::from([(key.clone(), Some(10))]);
         let actions = plan_pools(&claims, &pods, &jobs, &replicas, now, idle);
         let ns = || "shop".to_owned();
         assert_eq!(
@@ -1030,11 +1246,34 @@ mod tests {
                     ok: false,
                     message: "BackoffLimitExceeded".into()
                 },
+                PoolAction::Released {
+                    namespace: ns(),
+                    claim: "warren-outbox-deployment-api-8".into()
+                },
+                PoolAction::Released {
+                    namespace: ns(),
+                    claim: "warren-outbox-deployment-api-9".into()
+                },
                 PoolAction::Delete {
                     namespace: ns(),
                     claim: "warren-outbox-deployment-api-6".into()
                 },
             ]
+        );
+        // Once released for idleBeforeDrain, the long-held claim is drained.
+        let mut released = claims[2].clone();
+        released
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(RELEASED_AT.into(), ago(now, 121));
+        assert_eq!(
+            plan_pools(&[released], &[], &[], &BTreeMap::new(), now, idle),
+            vec![PoolAction::Drain {
+                namespace: ns(),
+                claim: "warren-outbox-deployment-api-2".into()
+            }]
         );
         // The workload is gone: every drained claim goes, nothing else.
         let replicas = BTreeMap::from([(key, None)]);
@@ -1062,7 +1301,14 @@ mod tests {
             "deployment-api",
             &[(SIDECAR_ENV, serde_json::to_string(&env).unwrap())],
         );
-        let job = drain_job(&pvc, &InjectionConfig::default());
+        let mut config = InjectionConfig::default();
+        config.outbox.drain_deadline = warren_crds::duration::HumanDuration::from_secs(900);
+        let job = drain_job(&pvc, &config);
+        assert_eq!(
+            job.spec.as_ref().unwrap().active_deadline_seconds,
+            Some(900),
+            "a hanging drain ends"
+        );
         let spec = job.spec.unwrap().template.spec.unwrap();
         let c = &spec.containers[0];
         assert_eq!(c.args.as_deref(), Some(&["--drain".to_string()][..]));

@@ -1,7 +1,8 @@
 //! The HTTPS admission webhook server.
 //!
 //! - `POST /mutate` takes an `admission.k8s.io/v1` `AdmissionReview`, hands
-//!   its request to a [`Handler`] and answers `200` with an
+//!   its request (and its `object` as sent) to a [`Handler`] and answers
+//!   `200` with an
 //!   `AdmissionReview` whose `response.uid` is the request's. The patch is
 //!   sent base64-encoded, as the API server's Go types expect (kube's
 //!   `AdmissionResponse` would serialise it as an array of numbers).
@@ -59,8 +60,15 @@ use crate::certs::{self, ServerCerts};
 
 /// What decides an admission: the request in, the response out. The
 /// response's uid is set to the request's whatever the handler put there.
+///
+/// The second argument is the request's `object` exactly as the API server
+/// sent it (`None` when there is none). The typed request's object has
+/// typed metadata, which drops fields it does not know; a patch must be
+/// computed against the raw object, or it would remove them.
 pub type Handler = Arc<
-    dyn Fn(AdmissionRequest<DynamicObject>) -> BoxFuture<'static, AdmissionResponse> + Send + Sync,
+    dyn Fn(AdmissionRequest<DynamicObject>, Option<Value>) -> BoxFuture<'static, AdmissionResponse>
+        + Send
+        + Sync,
 >;
 
 /// A TLS handshake taking longer than this is dropped.
@@ -126,9 +134,10 @@ async fn mutate(State(handler): State<Handler>, body: Bytes) -> Response {
         Some(u) if !u.is_empty() => u.to_string(),
         _ => return bad_request("the AdmissionReview's request has no uid".to_string()),
     };
+    let raw_object = request.get("object").filter(|o| !o.is_null()).cloned();
     let response = match serde_json::from_value::<AdmissionReview<DynamicObject>>(value) {
         Ok(review) => match review.try_into() {
-            Ok(request) => admit(&handler, request).await,
+            Ok(request) => admit(&handler, request, raw_object).await,
             Err(e) => refuse(&uid, &format!("warren webhook: {e}"), "InvalidRequest"),
         },
         Err(e) => {
@@ -156,7 +165,11 @@ async fn mutate(State(handler): State<Handler>, body: Bytes) -> Response {
 }
 
 /// Runs the handler, turning a panic into a refusal, and logs the outcome.
-async fn admit(handler: &Handler, request: AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+async fn admit(
+    handler: &Handler,
+    request: AdmissionRequest<DynamicObject>,
+    raw_object: Option<Value>,
+) -> AdmissionResponse {
     let uid = request.uid.clone();
     let operation = format!("{:?}", request.operation);
     let kind = request.kind.kind.clone();
@@ -168,7 +181,8 @@ async fn admit(handler: &Handler, request: AdmissionRequest<DynamicObject>) -> A
         .and_then(|o| o.metadata.generate_name.clone())
         .unwrap_or_default();
     let dry_run = request.dry_run;
-    let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| handler(request))) {
+    let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| handler(request, raw_object)))
+    {
         Ok(future) => AssertUnwindSafe(future).catch_unwind().await,
         Err(panic) => Err(panic),
     };

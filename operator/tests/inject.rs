@@ -63,6 +63,10 @@ fn example_apps_get_the_sidecar_outbox_and_config() {
         err.contains("StatefulSet/order-ledger: sidecar injected"),
         "{err}"
     );
+    assert!(
+        !err.contains("annotation only"),
+        "the examples carry the opt-in label: {err}"
+    );
     let docs = docs(&out);
     // Every input document is printed, Warren's own unchanged.
     assert_eq!(docs.len(), 5);
@@ -150,6 +154,15 @@ fn a_pod_with_every_variant_annotation() {
     assert!(ok, "{err}");
     let docs = docs(&out);
     let p = find(&docs, "Pod", "orders-debug");
+    // Opted in by the annotation alone: the webhook would never see such a
+    // pod, so the output carries the label, and stderr says so.
+    assert_eq!(p["metadata"]["labels"]["warren.dev/inject"], "enabled");
+    assert!(
+        err.contains(
+            "Pod/orders-debug: opted in by annotation only; labelled warren.dev/inject=enabled"
+        ),
+        "{err}"
+    );
     assert!(p["spec"]["initContainers"].is_null(), "container mode");
     let sidecar = &p["spec"]["containers"][1];
     assert_eq!(sidecar["name"], "warren-sidecar");

@@ -1,6 +1,7 @@
 //! Outbox claims against an in-memory API server behind kube-rs's mocked
-//! service: pods racing for a claim, a freed claim taken again, and an
-//! idle claim drained by a Job and then removed as the pool shrinks.
+//! service: pods racing for a claim, a freed claim taken again, a named
+//! claim refused while drained, and an idle claim drained by a Job (idle
+//! counted from its release) and then removed as the pool shrinks.
 
 mod fake;
 
@@ -11,8 +12,8 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::{Value, json};
 use warren_operator::inject::{BrokerBinding, InjectionConfig, broker_env};
 use warren_operator::pool::{
-    CLAIMED_AT, ClaimPool, ClaimSource, DRAINED_AT, DRAINING, PoolAction, PoolKeeper, SIDECAR_ENV,
-    Workload,
+    CLAIMED_AT, ClaimPool, ClaimSource, DRAINED_AT, DRAINING, PoolAction, PoolError, PoolKeeper,
+    RELEASED_AT, SIDECAR_ENV, Workload,
 };
 
 fn source() -> ClaimSource {
@@ -238,6 +239,63 @@ async fn a_statefulset_pod_gets_the_claim_of_its_ordinal() {
         .get("persistentvolumeclaims", "shop", "warren-outbox-ledger-1")
         .unwrap();
     assert_eq!(first["metadata"]["uid"], again["metadata"]["uid"]);
+    assert_ne!(
+        first["metadata"]["resourceVersion"], again["metadata"]["resourceVersion"],
+        "handed out again, by a write"
+    );
+}
+
+#[tokio::test]
+async fn a_named_claim_being_drained_is_refused_and_handed_out_once_drained() {
+    let api = FakeApi::new();
+    let mut c = claim(
+        "warren-outbox-ledger-0",
+        json!({CLAIMED_AT: ago(900), RELEASED_AT: ago(600), DRAINING: "warren-drain-warren-outbox-ledger-0"}),
+    );
+    c["metadata"]["labels"] = json!({"app.kubernetes.io/managed-by": "warren"});
+    api.put("persistentvolumeclaims", c);
+    let (client, _server) = api.client();
+    let pool = ClaimPool::new(client, InjectionConfig::default());
+    let named = ClaimSource::Named("warren-outbox-ledger-0".into());
+    let before = api
+        .get("persistentvolumeclaims", "shop", "warren-outbox-ledger-0")
+        .unwrap();
+    let e = pool
+        .acquire("shop", &named, &env(), Timestamp::now())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, PoolError::Draining { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .contains("is being drained by Job warren-drain-warren-outbox-ledger-0"),
+        "{e}"
+    );
+    let untouched = api
+        .get("persistentvolumeclaims", "shop", "warren-outbox-ledger-0")
+        .unwrap();
+    assert_eq!(untouched, before, "a refused pod writes nothing");
+
+    // The drain ended (the keeper removed the mark): the pod gets it, and
+    // the release no longer counts.
+    let mut drained = untouched.clone();
+    drained["metadata"]["annotations"]
+        .as_object_mut()
+        .unwrap()
+        .remove(DRAINING);
+    api.put("persistentvolumeclaims", drained);
+    let now = Timestamp::now();
+    pool.acquire("shop", &named, &env(), now).await.unwrap();
+    let taken = api
+        .get("persistentvolumeclaims", "shop", "warren-outbox-ledger-0")
+        .unwrap();
+    assert_eq!(
+        taken["metadata"]["annotations"][CLAIMED_AT],
+        now.to_string()
+    );
+    assert!(
+        taken["metadata"]["annotations"][RELEASED_AT].is_null(),
+        "{taken}"
+    );
 }
 
 fn deployment(replicas: i64) -> Value {
@@ -285,8 +343,31 @@ async fn an_orphan_claim_is_drained_by_a_job_and_then_the_pool_shrinks() {
         config: InjectionConfig::default(),
     };
 
-    // Pass 1: a drain Job for the orphan; the claim is marked first.
+    // Pass 1: the keeper sees the orphan released: it records when, and
+    // drains nothing yet, although its hand-out is 10 minutes old.
     let actions = keeper.run_once(Timestamp::now()).await.unwrap();
+    assert_eq!(
+        actions,
+        vec![PoolAction::Released {
+            namespace: "shop".into(),
+            claim: "warren-outbox-deployment-orders-api-1".into()
+        }]
+    );
+    assert!(api.all("jobs").is_empty());
+    let released = api
+        .get(
+            "persistentvolumeclaims",
+            "shop",
+            "warren-outbox-deployment-orders-api-1",
+        )
+        .unwrap();
+    assert!(released["metadata"]["annotations"][RELEASED_AT].is_string());
+    assert_eq!(keeper.run_once(Timestamp::now()).await.unwrap(), vec![]);
+
+    // idleBeforeDrain (2 minutes) after the release: a drain Job for the
+    // orphan; the claim is marked first.
+    let later = Timestamp::now() + SignedDuration::from_secs(121);
+    let actions = keeper.run_once(later).await.unwrap();
     assert_eq!(
         actions,
         vec![PoolAction::Drain {
@@ -329,8 +410,13 @@ async fn an_orphan_claim_is_drained_by_a_job_and_then_the_pool_shrinks() {
         job["metadata"]["name"]
     );
 
-    // Pass 2: the Job has not finished: nothing new.
-    assert_eq!(keeper.run_once(Timestamp::now()).await.unwrap(), vec![]);
+    assert_eq!(
+        job["spec"]["activeDeadlineSeconds"], 1800,
+        "the default drainDeadline"
+    );
+
+    // The Job has not finished: nothing new.
+    assert_eq!(keeper.run_once(later).await.unwrap(), vec![]);
     assert_eq!(api.all("jobs").len(), 1);
 
     // The Job completes: the claim is marked drained…
@@ -338,7 +424,7 @@ async fn an_orphan_claim_is_drained_by_a_job_and_then_the_pool_shrinks() {
     done["status"] =
         json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]});
     api.put("jobs", done);
-    let actions = keeper.run_once(Timestamp::now()).await.unwrap();
+    let actions = keeper.run_once(later).await.unwrap();
     assert!(
         matches!(&actions[..], [PoolAction::Drained { ok: true, .. }]),
         "{actions:?}"
@@ -354,7 +440,7 @@ async fn an_orphan_claim_is_drained_by_a_job_and_then_the_pool_shrinks() {
     assert!(drained["metadata"]["annotations"][DRAINING].is_null());
 
     // …and, the Deployment wanting one replica, deleted on the next pass.
-    let actions = keeper.run_once(Timestamp::now()).await.unwrap();
+    let actions = keeper.run_once(later).await.unwrap();
     assert_eq!(
         actions,
         vec![PoolAction::Delete {
@@ -399,14 +485,16 @@ async fn a_failed_drain_keeps_the_claim() {
         config: InjectionConfig::default(),
     };
     keeper.run_once(Timestamp::now()).await.unwrap();
+    let later = Timestamp::now() + SignedDuration::from_secs(121);
+    keeper.run_once(later).await.unwrap();
     let mut job = api.all("jobs").remove(0);
     job["status"] = json!({"failed": 4, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]});
     api.put("jobs", job);
-    keeper.run_once(Timestamp::now()).await.unwrap();
+    keeper.run_once(later).await.unwrap();
     // Further passes neither delete it (it holds what the broker refused)
     // nor start Job after Job.
     for _ in 0..2 {
-        assert_eq!(keeper.run_once(Timestamp::now()).await.unwrap(), vec![]);
+        assert_eq!(keeper.run_once(later).await.unwrap(), vec![]);
     }
     let kept = api
         .get(

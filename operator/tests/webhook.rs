@@ -65,7 +65,7 @@ fn patch_for(uid: &str) -> Value {
 fn test_handler() -> (Handler, Arc<Mutex<Vec<Seen>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
-    let handler: Handler = Arc::new(move |req: AdmissionRequest<DynamicObject>| {
+    let handler: Handler = Arc::new(move |req: AdmissionRequest<DynamicObject>, _| {
         let log = log.clone();
         async move {
             let object = req.object.as_ref().expect("a CREATE carries the object");

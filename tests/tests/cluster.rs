@@ -432,18 +432,24 @@ fn pods(plane: &ControlPlane, ns: &str, selector: &str) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// A Deployment; with `inject`, its pod template opts in: the label the
+/// webhook's objectSelector matches (and the annotation, which
+/// `warren-operator inject` also accepts) plus the settings.
 fn deployment(ns: &str, name: &str, replicas: u32, inject: bool) -> String {
-    let annotations = if inject {
-        "      annotations:\n        warren.dev/inject: enabled\n        warren.dev/queues: orders\n\
-         \x20       warren.dev/app-port: \"8080\"\n\
-         \x20       warren.dev/relay-postgres-secret: shop-db/url\n"
+    let (opt_in, annotations) = if inject {
+        (
+            ", warren.dev/inject: enabled",
+            "      annotations:\n        warren.dev/inject: enabled\n        warren.dev/queues: orders\n\
+             \x20       warren.dev/app-port: \"8080\"\n\
+             \x20       warren.dev/relay-postgres-secret: shop-db/url\n",
+        )
     } else {
-        ""
+        ("", "")
     };
     format!(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\n  namespace: {ns}\n\
          spec:\n  replicas: {replicas}\n  selector:\n    matchLabels: {{app: {name}}}\n\
-         \x20 template:\n    metadata:\n      labels: {{app: {name}}}\n{annotations}\
+         \x20 template:\n    metadata:\n      labels: {{app: {name}{opt_in}}}\n{annotations}\
          \x20   spec:\n      containers:\n        - name: app\n          image: registry.example.com/{name}:1\n"
     )
 }
@@ -772,6 +778,271 @@ async fn an_idle_claim_gets_a_drain_job_and_goes_when_drained() {
             Ok(out) => Err(format!("still there: {out}")),
         },
     );
+}
+
+/// A bare Pod named `name` in `ns`; with `opt_in`, labelled
+/// `warren.dev/inject: enabled` and annotated with its settings; with
+/// `annotated_only`, annotated but not labelled.
+fn bare_pod(ns: &str, name: &str, opt_in: bool, annotated_only: bool) -> String {
+    let labels = if opt_in {
+        "  labels:\n    warren.dev/inject: enabled\n"
+    } else {
+        ""
+    };
+    let annotations = if opt_in || annotated_only {
+        "  annotations:\n    warren.dev/inject: enabled\n    warren.dev/queues: orders\n"
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n{labels}{annotations}\
+         spec:\n  containers:\n    - name: app\n      image: registry.example.com/{name}:1\n"
+    )
+}
+
+fn wait_default_service_account(plane: &ControlPlane, ns: &str) {
+    eventually(
+        Duration::from_secs(30),
+        "the default ServiceAccount",
+        || {
+            plane
+                .kubectl_ok(&["get", "sa", "default", "-n", ns])
+                .map_err(|e| format!("{e:#}"))
+        },
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_operator_down_only_opted_in_pods_are_refused() {
+    let plane = start_plane();
+    let installed = install_chart(&plane, &[]).expect("helm install");
+    let mut operator = OperatorProcess::start(&plane, "op-a", installed.webhook_port.port(), &[])
+        .await
+        .expect("warren-operator run");
+    wait_for_ca_bundle(&plane, Duration::from_secs(30)).unwrap();
+    let hook = get_json(&plane, &["get", "mutatingwebhookconfiguration", "warren"]).unwrap();
+    assert_eq!(hook["webhooks"][0]["failurePolicy"], "Fail");
+    assert_eq!(
+        hook["webhooks"][0]["objectSelector"]["matchLabels"]["warren.dev/inject"], "enabled",
+        "{hook}"
+    );
+    for ns in ["shop", "elsewhere"] {
+        plane
+            .apply_yaml(&format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n"
+            ))
+            .unwrap();
+        wait_default_service_account(&plane, ns);
+    }
+
+    // No operator: nothing answers the webhook's Service.
+    operator.kill9().unwrap();
+    assert!(operator.pid().is_none());
+
+    // A pod that did not ask for Warren, in another namespace, is created.
+    plane
+        .apply_yaml(&bare_pod("elsewhere", "plain", false, false))
+        .expect("a plain pod is created with the operator down");
+    let plain = get_json(&plane, &["get", "pod", "plain", "-n", "elsewhere"]).unwrap();
+    assert!(plain["spec"]["initContainers"].is_null(), "{plain}");
+    // So is one in the namespace of opted-in pods, and one annotated but
+    // not labelled: only the label brings a pod to the webhook.
+    plane
+        .apply_yaml(&bare_pod("shop", "plain", false, false))
+        .expect("a plain pod in shop is created");
+    plane
+        .apply_yaml(&bare_pod("shop", "annotated", false, true))
+        .expect("an annotated, unlabelled pod is created");
+    let annotated = get_json(&plane, &["get", "pod", "annotated", "-n", "shop"]).unwrap();
+    assert!(
+        annotated["spec"]["initContainers"].is_null(),
+        "the webhook never saw it: {annotated}"
+    );
+
+    // An opted-in pod is refused by the API server (failurePolicy Fail),
+    // not created without its sidecar.
+    let err = plane
+        .apply_yaml(&bare_pod("shop", "opted-in", true, false))
+        .expect_err("an opted-in pod was created with the operator down");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("failed calling webhook") && err.contains("inject.warren.dev"),
+        "{err}"
+    );
+    match plane.kubectl_ok(&["get", "pod", "opted-in", "-n", "shop", "-o", "name"]) {
+        Err(e) => assert!(format!("{e:#}").contains("NotFound"), "{e:#}"),
+        Ok(out) => panic!("the opted-in pod exists: {out}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_named_claim_drains_only_when_idle_since_its_release_and_is_refused_while_draining() {
+    const IDLE: Duration = Duration::from_secs(15);
+    // Holds the broker and the operator until the end of the test.
+    let shop = shop(&[
+        "sidecar.outbox.idleBeforeDrain=15s",
+        "sidecar.outbox.drainDeadline=7m",
+        "operator.poolInterval=2s",
+    ])
+    .await;
+    let plane = &shop.plane;
+    let ns = SHOP;
+    let claim_name = "warren-outbox-ledger";
+    let claim = || get_json(plane, &["get", "pvc", claim_name, "-n", ns]);
+    let annotation = |c: &Value, key: &str| {
+        c["metadata"]["annotations"][key]
+            .as_str()
+            .map(str::to_string)
+    };
+    let time = |t: &str| {
+        t.parse::<k8s_openapi::jiff::Timestamp>()
+            .expect("an RFC 3339 time")
+    };
+    let drain_jobs = || {
+        get_json(
+            plane,
+            &[
+                "get",
+                "jobs",
+                "-n",
+                ns,
+                "-l",
+                &format!("warren.dev/drain-claim={claim_name}"),
+            ],
+        )
+        .map(|j| j["items"].as_array().cloned().unwrap_or_default())
+        .unwrap_or_default()
+    };
+
+    // A named pod gets its own claim, and holds it longer than
+    // idleBeforeDrain (and than the minute after a hand-out during which a
+    // claim counts as held whatever the pods say).
+    plane
+        .apply_yaml(&bare_pod(ns, "ledger", true, false))
+        .expect("the opted-in pod is created");
+    let pod = get_json(plane, &["get", "pod", "ledger", "-n", ns]).unwrap();
+    assert_eq!(claim_of(&pod).as_deref(), Some(claim_name), "{pod}");
+    std::thread::sleep(IDLE.max(warren_operator::pool::CLAIM_GRACE) + Duration::from_secs(3));
+    assert!(drain_jobs().is_empty(), "a held claim is not drained");
+    let claimed_at = time(&annotation(&claim().unwrap(), "warren.dev/claimed-at").unwrap());
+
+    // The pod goes. The keeper records the release…
+    plane
+        .kubectl_ok(&["delete", "pod", "ledger", "-n", ns, "--wait=true"])
+        .unwrap();
+    let deleted = k8s_openapi::jiff::Timestamp::now();
+    let released = eventually(Duration::from_secs(20), "the release recorded", || {
+        let c = claim()?;
+        annotation(&c, "warren.dev/released-at").ok_or_else(|| c.to_string())
+    });
+    let released = time(&released);
+    assert!(
+        released > claimed_at + k8s_openapi::jiff::SignedDuration::try_from(IDLE).unwrap(),
+        "the claim was held longer than idleBeforeDrain: claimed {claimed_at}, released {released}"
+    );
+    // …and does not drain it before idleBeforeDrain has passed since then,
+    // although it was handed out longer ago than that.
+    while k8s_openapi::jiff::Timestamp::now()
+        < deleted + k8s_openapi::jiff::SignedDuration::from_secs(10)
+    {
+        assert!(
+            drain_jobs().is_empty(),
+            "drained within idleBeforeDrain of its release (released {released})"
+        );
+        let c = claim().unwrap();
+        assert!(annotation(&c, "warren.dev/draining").is_none(), "{c}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Then it does, with a deadline.
+    let job = eventually(Duration::from_secs(60), "a drain Job for the claim", || {
+        drain_jobs()
+            .into_iter()
+            .next()
+            .ok_or_else(|| "no job".to_string())
+    });
+    let created = time(job["metadata"]["creationTimestamp"].as_str().unwrap());
+    // creationTimestamp has whole seconds.
+    assert!(
+        created + k8s_openapi::jiff::SignedDuration::from_secs(1)
+            >= released + k8s_openapi::jiff::SignedDuration::try_from(IDLE).unwrap(),
+        "the Job was created at {created}, less than idleBeforeDrain after the release at {released}"
+    );
+    assert_eq!(job["spec"]["activeDeadlineSeconds"], 420, "{}", job["spec"]);
+    let job_name = job["metadata"]["name"].as_str().unwrap().to_string();
+    eventually(
+        Duration::from_secs(10),
+        "the claim marked as draining",
+        || {
+            let c = claim()?;
+            match annotation(&c, "warren.dev/draining") {
+                Some(j) if j == job_name => Ok(()),
+                _ => Err(c.to_string()),
+            }
+        },
+    );
+
+    // While the Job holds the claim, the pod is refused with the reason.
+    let err = plane
+        .apply_yaml(&bare_pod(ns, "ledger", true, false))
+        .expect_err("the pod was given a claim a drain Job holds");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains(&format!(
+            "outbox claim {claim_name} is being drained by Job {job_name}"
+        )),
+        "{err}"
+    );
+    assert!(
+        plane
+            .kubectl_ok(&["get", "pod", "ledger", "-n", ns, "-o", "name"])
+            .is_err(),
+        "the refused pod does not exist"
+    );
+
+    // The drain ends (no kubelet: the Job's pod is marked Succeeded as a
+    // kubelet would); then the pod gets its claim back.
+    let job_pod = eventually(Duration::from_secs(60), "the drain Job's pod", || {
+        pods(plane, ns, &format!("job-name={job_name}"))
+            .into_iter()
+            .next()
+            .ok_or_else(|| "no pod".to_string())
+    });
+    let status = serde_json::json!({"status": {
+        "phase": "Succeeded",
+        "containerStatuses": [{
+            "name": job_pod["spec"]["containers"][0]["name"], "image": job_pod["spec"]["containers"][0]["image"],
+            "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}
+        }]
+    }});
+    plane
+        .kubectl_ok(&[
+            "patch",
+            "pod",
+            job_pod["metadata"]["name"].as_str().unwrap(),
+            "-n",
+            ns,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ])
+        .expect("pod status set");
+    eventually(Duration::from_secs(60), "the claim drained", || {
+        let c = claim()?;
+        if annotation(&c, "warren.dev/draining").is_none()
+            && annotation(&c, "warren.dev/drained-at").is_some()
+        {
+            Ok(())
+        } else {
+            Err(c.to_string())
+        }
+    });
+    plane
+        .apply_yaml(&bare_pod(ns, "ledger", true, false))
+        .expect("the pod is created once the drain has ended");
+    let pod = get_json(plane, &["get", "pod", "ledger", "-n", ns]).unwrap();
+    assert_eq!(claim_of(&pod).as_deref(), Some(claim_name), "{pod}");
 }
 
 #[test]
