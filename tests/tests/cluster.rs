@@ -619,19 +619,7 @@ async fn the_other_operator_takes_over_when_the_leader_is_killed() {
     let mut b = OperatorProcess::start(&plane, "op-b", other_port.port(), &[])
         .await
         .expect("operator b");
-    let holder = || {
-        plane
-            .kubectl_ok(&[
-                "get",
-                "lease",
-                "warren-operator",
-                "-n",
-                NAMESPACE,
-                "-o",
-                "jsonpath={.spec.holderIdentity}",
-            ])
-            .map_err(|e| format!("{e:#}"))
-    };
+    let holder = || lease_holder(&plane);
     let first = eventually(Duration::from_secs(60), "a lease holder", || {
         holder().and_then(|h| {
             if h.is_empty() {
