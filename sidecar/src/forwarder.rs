@@ -118,8 +118,12 @@ struct Session {
     /// Exchanges recently found missing or refused, with the broker's text.
     refused: HashMap<String, (Instant, String)>,
     inflight: FuturesUnordered<ConfirmFuture>,
-    /// In-flight sequence → exchange, for blame after a channel error.
-    inflight_exchange: HashMap<u64, String>,
+    /// In-flight sequence → where it went and its id: blames a channel
+    /// error on an exchange, and finds the owner of a returned message.
+    inflight_meta: HashMap<u64, Published>,
+    /// In-flight sequences known to have been returned as unroutable, with
+    /// the reason; they fail when their own confirm is settled.
+    returned: HashMap<u64, String>,
     /// Next sequence to read from the outbox.
     cursor: u64,
     /// Read from the outbox, not yet published.
@@ -252,7 +256,8 @@ impl Forwarder {
             verified: HashSet::from([String::new()]),
             refused: HashMap::new(),
             inflight: FuturesUnordered::new(),
-            inflight_exchange: HashMap::new(),
+            inflight_meta: HashMap::new(),
+            returned: HashMap::new(),
             cursor: 0,
             ready: VecDeque::new(),
             blocked,
@@ -274,12 +279,14 @@ impl Forwarder {
                 _ = stop.cancelled() => return Ok(()),
                 Some((seq, size, res)) = s.inflight.next(), if !s.inflight.is_empty() => {
                     s.last_progress = Instant::now();
-                    self.on_confirm(&mut s, seq, size, res).await?;
-                    // Take every confirm that is already there, so the outbox
-                    // removes them in one batch.
-                    while let Some(Some((seq, size, res))) = s.inflight.next().now_or_never() {
-                        self.on_confirm(&mut s, seq, size, res).await?;
+                    // Take every confirm that is already there: the outbox
+                    // removes them in one batch, and a return is matched
+                    // against all of them.
+                    let mut batch = vec![(seq, size, res)];
+                    while let Some(Some(c)) = s.inflight.next().now_or_never() {
+                        batch.push(c);
                     }
+                    self.on_confirms(&mut s, batch).await?;
                 }
                 ev = ev_rx.recv() => match ev {
                     Some(Event::ConnectionUnblocked) => s.last_progress = Instant::now(),
@@ -359,7 +366,14 @@ impl Forwarder {
             if s.inflight.is_empty() {
                 s.last_progress = Instant::now();
             }
-            s.inflight_exchange.insert(entry.seq, msg.exchange.clone());
+            s.inflight_meta.insert(
+                entry.seq,
+                Published {
+                    exchange: msg.exchange.clone(),
+                    routing_key: msg.routing_key.clone(),
+                    message_id: msg.message_id.clone(),
+                },
+            );
             let (seq, size) = (entry.seq, entry.size);
             s.inflight
                 .push(Box::pin(async move { (seq, size, confirm.await) }));
@@ -376,7 +390,7 @@ impl Forwarder {
                 break;
             }
             self.due.pop_first();
-            if s.inflight_exchange.contains_key(&seq) {
+            if s.inflight_meta.contains_key(&seq) {
                 continue;
             }
             match self.outbox.read_one(seq)? {
@@ -397,7 +411,7 @@ impl Forwarder {
             }
             while let Some(entry) = s.ready.pop_front() {
                 if !self.retries.contains_key(&entry.seq)
-                    && !s.inflight_exchange.contains_key(&entry.seq)
+                    && !s.inflight_meta.contains_key(&entry.seq)
                 {
                     return Ok(Some(entry));
                 }
@@ -438,6 +452,35 @@ impl Forwarder {
         }
     }
 
+    /// Settles a batch of confirms. Returns are attributed first, while
+    /// every message of the batch still counts as in flight.
+    async fn on_confirms(
+        &mut self,
+        s: &mut Session,
+        batch: Vec<(u64, u64, lapin::Result<Confirmation>)>,
+    ) -> Result<(), ForwardError> {
+        let mut settled = Vec::with_capacity(batch.len());
+        for (seq, size, res) in batch {
+            let res = match res {
+                Ok(Confirmation::Ack(Some(ret))) => {
+                    attribute_return(s, seq, &ret);
+                    Ok(Confirmation::Ack(None))
+                }
+                Ok(Confirmation::Nack(Some(ret))) => {
+                    attribute_return(s, seq, &ret);
+                    Ok(Confirmation::Nack(None))
+                }
+                other => other,
+            };
+            settled.push((seq, size, res));
+        }
+        for (seq, size, res) in settled {
+            self.on_confirm(s, seq, size, res).await?;
+        }
+        Ok(())
+    }
+
+    /// Settles one confirm whose return, if any, was already attributed.
     async fn on_confirm(
         &mut self,
         s: &mut Session,
@@ -445,23 +488,21 @@ impl Forwarder {
         size: u64,
         res: lapin::Result<Confirmation>,
     ) -> Result<(), ForwardError> {
-        let exchange = s.inflight_exchange.remove(&seq);
+        let exchange = s.inflight_meta.remove(&seq).map(|m| m.exchange);
+        if let Some(reason) = s.returned.remove(&seq) {
+            // Returned: its ack says only that the broker is done with it,
+            // not that a queue took it.
+            if res.is_ok() {
+                self.fail(seq, &reason, FailReason::Unroutable).await?;
+                return self.flush_if_many();
+            }
+        }
         match res {
-            Ok(Confirmation::Ack(None)) => {
+            Ok(Confirmation::Ack(_)) => {
                 self.done.push((seq, size));
                 self.retries.remove(&seq);
             }
-            Ok(Confirmation::Ack(Some(ret))) | Ok(Confirmation::Nack(Some(ret))) => {
-                let reason = format!(
-                    "message returned by the broker as unroutable: {} {} (exchange {:?}, routing key {:?})",
-                    ret.reply_code,
-                    ret.reply_text,
-                    exchange.unwrap_or_default(),
-                    ret.delivery.routing_key.as_str()
-                );
-                self.fail(seq, &reason, FailReason::Unroutable).await?;
-            }
-            Ok(Confirmation::Nack(None)) | Ok(Confirmation::NotRequested) => {
+            Ok(Confirmation::Nack(_)) | Ok(Confirmation::NotRequested) => {
                 self.fail(seq, "message nacked by the broker", FailReason::Nack)
                     .await?;
             }
@@ -474,14 +515,14 @@ impl Forwarder {
                     let blamed: Vec<u64> = match exchange_in(&text) {
                         Some(name) => {
                             s.verified.remove(name);
-                            s.inflight_exchange
+                            s.inflight_meta
                                 .iter()
-                                .filter(|(_, ex)| ex.as_str() == name)
+                                .filter(|(_, m)| m.exchange == name)
                                 .map(|(seq, _)| *seq)
                                 .chain(exchange.as_deref().filter(|ex| *ex == name).map(|_| seq))
                                 .collect()
                         }
-                        None => s.inflight_exchange.keys().copied().chain([seq]).collect(),
+                        None => s.inflight_meta.keys().copied().chain([seq]).collect(),
                     };
                     for b in blamed {
                         self.fail(b, &text, FailReason::ChannelError).await?;
@@ -490,7 +531,11 @@ impl Forwarder {
                 return Err(ForwardError::Lost(e));
             }
         }
-        if !self.done.is_empty() && self.done.len() >= 256 {
+        self.flush_if_many()
+    }
+
+    fn flush_if_many(&mut self) -> Result<(), ForwardError> {
+        if self.done.len() >= 256 {
             self.flush_done()?;
         }
         Ok(())
@@ -537,6 +582,75 @@ impl Forwarder {
         self.metrics.forwarded.inc_by(self.done.len() as u64);
         self.done.clear();
         Ok(())
+    }
+}
+
+/// Finds which message a `basic.return` belongs to and records it in
+/// `s.returned`. The broker sends a message's return just before its
+/// confirm, but one confirm may cover several messages (`multiple`), and
+/// lapin hands the return to whichever of them it completes first. The
+/// return carries the message's exchange, routing key and `message_id`: the
+/// owner is the message in flight that matches them.
+fn attribute_return(s: &mut Session, carrier: u64, ret: &lapin::message::BasicReturnMessage) {
+    let key = Published::of_return(ret);
+    let reason = format!(
+        "message returned by the broker as unroutable: {} {} (exchange {:?}, routing key {:?})",
+        ret.reply_code, ret.reply_text, key.exchange, key.routing_key
+    );
+    let owner = owner_of_return(&key, carrier, &s.inflight_meta, &s.returned);
+    if owner != carrier {
+        tracing::debug!(owner, carrier, "basic.return attributed by message id");
+    }
+    s.returned.insert(owner, reason);
+}
+
+/// The in-flight message a return published as `key` belongs to: the
+/// carrier if it matches, else the lowest matching sequence not already
+/// known to be returned. If nothing matches, the carrier: at worst it is
+/// sent twice.
+fn owner_of_return(
+    key: &Published,
+    carrier: u64,
+    inflight: &HashMap<u64, Published>,
+    returned: &HashMap<u64, String>,
+) -> u64 {
+    let free = |seq: &u64| !returned.contains_key(seq);
+    if inflight.get(&carrier) == Some(key) && free(&carrier) {
+        return carrier;
+    }
+    inflight
+        .iter()
+        .filter(|(seq, m)| *m == key && free(seq))
+        .map(|(seq, _)| *seq)
+        .min()
+        .unwrap_or_else(|| {
+            tracing::warn!(carrier, message_id = %key.message_id, "returned message matches nothing in flight; retrying the message it came with");
+            carrier
+        })
+}
+
+/// Where a message in flight was published, and its id: what a
+/// `basic.return` carries to tell whose it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Published {
+    exchange: String,
+    routing_key: String,
+    message_id: String,
+}
+
+impl Published {
+    fn of_return(ret: &lapin::message::BasicReturnMessage) -> Self {
+        Self {
+            exchange: ret.delivery.exchange.to_string(),
+            routing_key: ret.delivery.routing_key.to_string(),
+            message_id: ret
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.to_string())
+                .unwrap_or_default(),
+        }
     }
 }
 
@@ -615,6 +729,37 @@ async fn sleep_until_opt(at: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn published(exchange: &str, routing_key: &str, id: &str) -> Published {
+        Published {
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+            message_id: id.into(),
+        }
+    }
+
+    #[test]
+    fn a_return_belongs_to_the_message_it_names_not_the_one_it_came_with() {
+        let inflight = HashMap::from([
+            (5, published("orders", "created", "a")),
+            (6, published("orders", "nowhere", "b")),
+            (7, published("orders", "nowhere", "b")),
+            (8, published("orders", "created", "c")),
+        ]);
+        let mut returned = HashMap::new();
+        let b = published("orders", "nowhere", "b");
+        // Handed to 5's confirm (one `multiple` ack covering 5..8): it is 6's.
+        assert_eq!(owner_of_return(&b, 5, &inflight, &returned), 6);
+        returned.insert(6, String::new());
+        // A second return of the same message id: the other copy.
+        assert_eq!(owner_of_return(&b, 8, &inflight, &returned), 7);
+        // Carried by its own confirm.
+        returned.clear();
+        assert_eq!(owner_of_return(&b, 7, &inflight, &returned), 7);
+        // Matches nothing in flight: the carrier.
+        let stray = published("orders", "created", "zzz");
+        assert_eq!(owner_of_return(&stray, 8, &inflight, &returned), 8);
+    }
 
     #[test]
     fn exchange_names_are_found_in_broker_text() {

@@ -619,3 +619,97 @@ async fn tls_with_a_custom_ca_and_clear_connection_errors() {
     running.shutdown();
     running.wait().await.unwrap();
 }
+
+/// A confirm may cover several messages (`multiple`), and the return of an
+/// unroutable one arrives with whichever of them the client settles first.
+/// Returns are matched to their messages by what they carry: every
+/// unroutable message is dead-lettered, none is taken as delivered, and no
+/// routable one is sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn returns_are_matched_to_their_messages_when_confirms_cover_several() {
+    init_tracing();
+    let node = start_node().await;
+    declare_topology(&node).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(&node.amqp_url(), dir.path());
+    cfg.dead_letter_after = Duration::from_secs(2);
+    let running = warren_sidecar::start(cfg).await.unwrap();
+    let api = format!("http://{}", running.api_addr);
+    let http = client();
+    let account = Account::new();
+
+    // Batches keep hundreds of messages in flight at once, one in four of
+    // them to a routing key no queue is bound for.
+    let mut unroutable = std::collections::BTreeSet::new();
+    for b in 0..10 {
+        let messages: Vec<serde_json::Value> = (0..100)
+            .map(|i| {
+                let n = b * 100 + i;
+                let (id, key) = if n % 4 == 1 {
+                    (format!("unroutable-{n:04}"), "unbound-key")
+                } else {
+                    (format!("good-{n:04}"), KEY)
+                };
+                serde_json::json!({
+                    "exchange": EXCHANGE,
+                    "routing_key": key,
+                    "message_id": id,
+                    "body": id,
+                })
+            })
+            .collect();
+        let resp = http
+            .post(format!("{api}/v1/batch"))
+            .json(&serde_json::json!({ "messages": messages }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+        for m in &messages {
+            let id = m["message_id"].as_str().unwrap().to_owned();
+            if m["routing_key"] == KEY {
+                account.record_acked(id);
+            } else {
+                unroutable.insert(id);
+            }
+        }
+    }
+    assert_eq!(unroutable.len(), 250);
+
+    wait_until(
+        Duration::from_secs(30),
+        "every unroutable message to be dead-lettered",
+        || async {
+            let r = outbox_report(&api).await;
+            r["pending"] == 0 && r["dead_lettered"].as_u64() >= Some(250)
+        },
+    )
+    .await;
+    let r = outbox_report(&api).await;
+    assert_eq!(r["dead_lettered"], 250, "{r}");
+    let dead: serde_json::Value = http
+        .get(format!("{api}/v1/outbox/dead?limit=1000"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let dead_ids: std::collections::BTreeSet<String> = dead["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(dead_ids, unroutable, "exactly the unroutable ones");
+
+    let received = consume_all(&node.amqp_url(), QUEUE, &account, Duration::from_secs(30)).await;
+    let report = account.report();
+    println!("returns: {report}");
+    account.assert_no_loss();
+    assert_eq!(report.duplicated, 0, "a routable message was sent twice");
+    assert_eq!(report.unexpected, 0, "an unroutable message arrived");
+    assert_eq!(received.len(), 750);
+    running.shutdown();
+    running.wait().await.unwrap();
+}

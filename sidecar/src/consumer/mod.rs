@@ -26,7 +26,7 @@ pub mod app;
 pub mod plan;
 pub mod state;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,7 +37,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Confirmation, Connection, Event};
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -534,32 +534,51 @@ async fn requeue(delivery: &lapin::message::Delivery) -> Outcome {
     }
 }
 
-/// Publishes retry and parking copies on a confirm-mode channel, opened on
-/// first use and again after a channel error.
+/// Publishes retry and parking copies on confirm-mode channels, each
+/// carrying one publish at a time.
+///
+/// One publish per channel is what makes a `basic.return` unambiguous: the
+/// broker sends it just before the confirm of the same message, but a
+/// confirm may cover several messages (`multiple`), and lapin attaches the
+/// return to whichever of them it settles first. Were concurrent
+/// deliveries to share a channel, an unroutable retry copy could be taken
+/// as confirmed, its original acked and the message lost.
 struct Republisher {
     conn: Arc<Connection>,
-    channel: Mutex<Option<Channel>>,
+    /// Idle channels in confirm mode, ready for the next publish.
+    idle: Mutex<Vec<Channel>>,
 }
 
 impl Republisher {
     fn new(conn: Arc<Connection>) -> Self {
         Self {
             conn,
-            channel: Mutex::new(None),
+            idle: Mutex::new(Vec::new()),
         }
     }
 
-    async fn channel(&self) -> Result<Channel, String> {
-        let mut slot = self.channel.lock().await;
-        if let Some(ch) = slot.as_ref().filter(|c| c.status().connected()) {
-            return Ok(ch.clone());
+    /// An idle channel, or a new one.
+    async fn take_channel(&self) -> Result<Channel, String> {
+        loop {
+            let idle = self.idle.lock().unwrap().pop();
+            match idle {
+                Some(ch) if ch.status().connected() => return Ok(ch),
+                Some(_) => continue,
+                None => break,
+            }
         }
         let ch = self.conn.create_channel().await.map_err(|e| describe(&e))?;
         ch.confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|e| describe(&e))?;
-        *slot = Some(ch.clone());
         Ok(ch)
+    }
+
+    /// Puts a channel whose publish is settled back for the next one.
+    fn give_back(&self, ch: Channel) {
+        if ch.status().connected() {
+            self.idle.lock().unwrap().push(ch);
+        }
     }
 
     /// Publishes persistently and waits for the broker's confirm; a return
@@ -575,7 +594,7 @@ impl Republisher {
         timeout: Duration,
     ) -> Result<(), String> {
         let attempt = async {
-            let channel = self.channel().await?;
+            let channel = self.take_channel().await?;
             let confirm = channel
                 .basic_publish(
                     exchange.into(),
@@ -589,7 +608,11 @@ impl Republisher {
                 )
                 .await
                 .map_err(|e| describe(&e))?;
-            match confirm.await {
+            let settled = confirm.await;
+            // Only a settled publish frees the channel: one dropped by the
+            // timeout below takes its channel with it.
+            self.give_back(channel);
+            match settled {
                 Ok(Confirmation::Ack(None)) => Ok(()),
                 Ok(Confirmation::Ack(Some(ret))) | Ok(Confirmation::Nack(Some(ret))) => {
                     Err(format!(
