@@ -174,7 +174,15 @@ impl Forwarder {
                         .inc();
                     self.status.connected();
                     tracing::info!(broker = %self.status.snapshot().url, "connected to broker");
-                    let end = self.session(&conn, &stop).await;
+                    // Every await of a session may hang while the broker
+                    // blocks the connection (it stops reading the socket, so
+                    // a publish never finishes writing): stopping must not
+                    // wait for any of them. What was not confirmed stays in
+                    // the outbox.
+                    let end = tokio::select! {
+                        r = self.session(&conn, &stop) => r,
+                        _ = stop.cancelled() => Ok(()),
+                    };
                     if let Err(e) = self.flush_done() {
                         tracing::error!(error = %e, "cannot remove confirmed messages from the outbox");
                     }

@@ -313,3 +313,62 @@ async fn drain_mode_forwards_what_a_killed_sidecar_left_and_exits() {
     assert!(status.success(), "drain exit status {status:?}");
     assert!(took < Duration::from_secs(15), "empty drain took {took:?}");
 }
+
+/// SIGTERM while the broker blocks publishing (a memory alarm), with the
+/// forwarder in the middle of handing a large message to a connection the
+/// broker no longer reads: the sidecar still exits within its drain
+/// deadline, and what it could not forward is on disk and delivered after
+/// a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_during_a_memory_alarm_exits_within_the_drain_deadline() {
+    init_tracing();
+    let node = start_node().await;
+    declare_topology(&node).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("outbox");
+    let mut sidecar = SidecarProcess::start(&data, &node.amqp_url(), &["--drain-timeout=2s"]).await;
+    let node = on_node(node, |n| n.set_memory_alarm()).await;
+    let http = client();
+    let account = Account::new();
+    // Large messages fill the socket the broker stopped reading, so a
+    // publish is left waiting inside the client library.
+    for i in 0..100 {
+        let id = format!("blocked-{i:03}");
+        let mut body = id.clone().into_bytes();
+        body.resize(256 * 1024, b'.');
+        assert!(
+            publish(&http, &sidecar.api, EXCHANGE, KEY, &id, body)
+                .await
+                .unwrap()
+        );
+        account.record_acked(id);
+    }
+    let api = sidecar.api.clone();
+    wait_until(
+        Duration::from_secs(10),
+        "the sidecar to see connection.blocked",
+        || async { outbox_report(&api).await["broker"]["state"] == "blocked" },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    let status = sidecar.terminate(Duration::from_secs(15)).await;
+    let took = started.elapsed();
+    assert!(status.success(), "clean exit: {status:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "SIGTERM took {took:?} with a 2s drain deadline\n{}",
+        sidecar.log_tail()
+    );
+
+    let node = on_node(node, |n| n.clear_memory_alarm()).await;
+    sidecar.restart().await;
+    wait_drained(&sidecar.api, Duration::from_secs(60)).await;
+    let received = consume_all(&node.amqp_url(), QUEUE, &account, Duration::from_secs(30)).await;
+    println!("sigterm while blocked: {}", account.report());
+    account.assert_no_loss();
+    for (id, body) in &received {
+        assert!(body.starts_with(id.as_bytes()), "{id} arrived intact");
+    }
+    sidecar.terminate(Duration::from_secs(10)).await;
+}
