@@ -17,10 +17,18 @@
 //!   keep flowing; after `dead_letter_after` of failures it moves to the
 //!   outbox's dead-letter area, still on disk.
 //!
-//! Before the first message to an exchange on a connection, the forwarder
-//! checks the exchange with a passive declare on a separate channel: a
-//! missing exchange then costs a probe, not the publishing channel and the
-//! whole window in flight.
+//! Refusals are attributed by structure, never by parsing the broker's
+//! text:
+//!
+//! - before the first message to an exchange on a connection, the forwarder
+//!   checks the exchange with a passive declare on a separate channel: a
+//!   missing exchange then costs a probe, not a publishing channel;
+//! - each exchange is published on a channel of its own, so a channel the
+//!   broker closes (a publish it refuses) concerns only the messages in
+//!   flight to that exchange; messages to other exchanges keep flowing and
+//!   keep their clocks;
+//! - nacks and returns are matched to their messages by delivery tag and by
+//!   what a return carries.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::pin::Pin;
@@ -109,9 +117,18 @@ pub struct Forwarder {
     done: Vec<(u64, u64)>,
 }
 
+/// Most publishing channels open at once; beyond it, the channel of an
+/// exchange with nothing in flight is closed to make room.
+const MAX_CHANNELS: usize = 64;
+
+/// How long an exchange the broker refused (404, 403) is not tried again:
+/// messages to it fail at once meanwhile.
+const REFUSAL_HOLD: Duration = Duration::from_secs(1);
+
 /// State of one connection's publishing session.
 struct Session {
-    channel: Channel,
+    /// Publishing channels in confirm mode, one per exchange.
+    channels: HashMap<String, Channel>,
     probe: Option<Channel>,
     /// Exchanges known to exist on this connection.
     verified: HashSet<String>,
@@ -253,13 +270,8 @@ impl Forwarder {
             blocked.clone(),
             ev_tx,
         )));
-        let channel = conn.create_channel().await.map_err(ForwardError::Lost)?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(ForwardError::Lost)?;
         let mut s = Session {
-            channel,
+            channels: HashMap::new(),
             probe: None,
             verified: HashSet::from([String::new()]),
             refused: HashMap::new(),
@@ -348,17 +360,19 @@ impl Forwarder {
                     }
                     Some(reason) => {
                         tracing::warn!(exchange = %msg.exchange, %reason, "exchange refused; message kept for retry");
-                        s.refused.insert(
-                            msg.exchange.clone(),
-                            (now + Duration::from_secs(1), reason.clone()),
-                        );
+                        s.refused
+                            .insert(msg.exchange.clone(), (now + REFUSAL_HOLD, reason.clone()));
                         self.fail(entry.seq, &reason, FailReason::Exchange).await?;
                         continue;
                     }
                 }
             }
-            let confirm = s
-                .channel
+            let Some(channel) = publishing_channel(conn, s, &msg.exchange).await? else {
+                // Every channel is busy: wait for confirms to free one.
+                s.ready.push_front(entry);
+                break;
+            };
+            let published = channel
                 .basic_publish(
                     ShortString::from(msg.exchange.as_str()),
                     ShortString::from(msg.routing_key.as_str()),
@@ -369,8 +383,19 @@ impl Forwarder {
                     &msg.body,
                     properties(msg),
                 )
-                .await
-                .map_err(ForwardError::Lost)?;
+                .await;
+            let confirm = match published {
+                Ok(confirm) => confirm,
+                Err(_) if conn.status().connected() && !channel.status().connected() => {
+                    // The broker closed this exchange's channel over an
+                    // earlier message; that one is blamed when its confirm
+                    // fails. This one was not sent: it goes again at once.
+                    s.channels.remove(&msg.exchange);
+                    s.ready.push_front(entry);
+                    continue;
+                }
+                Err(e) => return Err(ForwardError::Lost(e)),
+            };
             if s.inflight.is_empty() {
                 s.last_progress = Instant::now();
             }
@@ -514,28 +539,24 @@ impl Forwarder {
                 self.fail(seq, "message nacked by the broker", FailReason::Nack)
                     .await?;
             }
-            Err(e) => {
-                // The channel or connection closed with messages in flight.
-                // Blame only what the broker's text points at; everything
-                // else in flight is simply sent again.
-                if e.is_amqp_soft_error() {
-                    let text = describe(&e);
-                    let blamed: Vec<u64> = match exchange_in(&text) {
-                        Some(name) => {
-                            s.verified.remove(name);
-                            s.inflight_meta
-                                .iter()
-                                .filter(|(_, m)| m.exchange == name)
-                                .map(|(seq, _)| *seq)
-                                .chain(exchange.as_deref().filter(|ex| *ex == name).map(|_| seq))
-                                .collect()
-                        }
-                        None => s.inflight_meta.keys().copied().chain([seq]).collect(),
-                    };
-                    for b in blamed {
-                        self.fail(b, &text, FailReason::ChannelError).await?;
+            Err(e) if e.is_amqp_soft_error() => {
+                // The broker closed the channel of this message's exchange:
+                // every message in flight on it fails with it, and only
+                // those. Other exchanges' channels go on.
+                let text = describe(&e);
+                if let Some(ex) = &exchange {
+                    if s.channels.get(ex).is_some_and(|c| !c.status().connected()) {
+                        s.channels.remove(ex);
+                    }
+                    s.verified.remove(ex);
+                    if refuses_the_exchange(&e) {
+                        s.refused
+                            .insert(ex.clone(), (Instant::now() + REFUSAL_HOLD, text.clone()));
                     }
                 }
+                self.fail(seq, &text, FailReason::ChannelError).await?;
+            }
+            Err(e) => {
                 return Err(ForwardError::Lost(e));
             }
         }
@@ -719,12 +740,57 @@ fn properties(msg: &crate::outbox::Message) -> BasicProperties {
     props
 }
 
-/// The exchange name in a broker error text such as
-/// `NOT_FOUND - no exchange 'orders' in vhost '/'`.
-fn exchange_in(text: &str) -> Option<&str> {
-    let start = text.find("exchange '")? + "exchange '".len();
-    let len = text[start..].find('\'')?;
-    Some(&text[start..start + len])
+/// The publishing channel of `exchange`, opened in confirm mode on first
+/// use. `None` when [`MAX_CHANNELS`] are open and every one has messages in
+/// flight.
+async fn publishing_channel(
+    conn: &Connection,
+    s: &mut Session,
+    exchange: &str,
+) -> Result<Option<Channel>, ForwardError> {
+    if let Some(ch) = s.channels.get(exchange) {
+        if ch.status().connected() {
+            return Ok(Some(ch.clone()));
+        }
+        s.channels.remove(exchange);
+    }
+    if s.channels.len() >= MAX_CHANNELS {
+        let busy: HashSet<&str> = s
+            .inflight_meta
+            .values()
+            .map(|m| m.exchange.as_str())
+            .collect();
+        let Some(idle) = s
+            .channels
+            .keys()
+            .find(|ex| !busy.contains(ex.as_str()))
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        // Dropping the last handle closes the channel.
+        s.channels.remove(&idle);
+    }
+    let ch = conn.create_channel().await.map_err(ForwardError::Lost)?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(ForwardError::Lost)?;
+    s.channels.insert(exchange.to_owned(), ch.clone());
+    Ok(Some(ch))
+}
+
+/// Whether a channel error refuses the exchange itself (it does not exist,
+/// or the user may not publish to it), rather than one message.
+fn refuses_the_exchange(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(
+                amqp.kind(),
+                AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND | AMQPSoftError::ACCESSREFUSED)
+            )
+    )
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -767,23 +833,5 @@ mod tests {
         // Matches nothing in flight: the carrier.
         let stray = published("orders", "created", "zzz");
         assert_eq!(owner_of_return(&stray, 8, &inflight, &returned), 8);
-    }
-
-    #[test]
-    fn exchange_names_are_found_in_broker_text() {
-        assert_eq!(
-            exchange_in("NOT_FOUND - no exchange 'orders.v2' in vhost '/'"),
-            Some("orders.v2")
-        );
-        assert_eq!(
-            exchange_in(
-                "ACCESS_REFUSED - access to exchange 'billing' in vhost '/' refused for user 'app'"
-            ),
-            Some("billing")
-        );
-        assert_eq!(
-            exchange_in("PRECONDITION_FAILED - message size 5 is larger"),
-            None
-        );
     }
 }

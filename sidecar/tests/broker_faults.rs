@@ -713,3 +713,111 @@ async fn returns_are_matched_to_their_messages_when_confirms_cover_several() {
     running.shutdown();
     running.wait().await.unwrap();
 }
+
+/// A publish the broker refuses by closing the channel, with a text that
+/// names no exchange (a message over `max_message_size`): only messages in
+/// flight to the same exchange share the failure. Messages to another
+/// exchange keep flowing and are never charged with it — with a
+/// dead-letter deadline of zero, one charge would dead-letter them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_closed_channel_charges_only_its_own_exchange() {
+    init_tracing();
+    let node = start_node().await;
+    declare_topology(&node).await;
+    node.declare_exchange("big", "direct").await.unwrap();
+    node.bind("big", QUEUE, KEY).await.unwrap();
+    node.ctl(&[
+        "eval",
+        "application:set_env(rabbit, max_message_size, 8192).",
+    ])
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(&node.amqp_url(), dir.path());
+    cfg.dead_letter_after = Duration::ZERO;
+    let running = warren_sidecar::start(cfg).await.unwrap();
+    let api = format!("http://{}", running.api_addr);
+    let http = client();
+    let account = Account::new();
+
+    // Batches keep many messages in flight; one in ten goes to `big` with a
+    // body the broker refuses.
+    let mut too_big = std::collections::BTreeSet::new();
+    for b in 0..10 {
+        let messages: Vec<serde_json::Value> = (0..100)
+            .map(|i| {
+                let n = b * 100 + i;
+                if n % 10 == 3 {
+                    let id = format!("big-{n:04}");
+                    serde_json::json!({
+                        "exchange": "big",
+                        "routing_key": KEY,
+                        "message_id": id,
+                        "body": "x".repeat(20_000),
+                    })
+                } else {
+                    let id = format!("good-{n:04}");
+                    serde_json::json!({
+                        "exchange": EXCHANGE,
+                        "routing_key": KEY,
+                        "message_id": id,
+                        "body": id,
+                    })
+                }
+            })
+            .collect();
+        let resp = http
+            .post(format!("{api}/v1/batch"))
+            .json(&serde_json::json!({ "messages": messages }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+        for m in &messages {
+            let id = m["message_id"].as_str().unwrap().to_owned();
+            if m["exchange"] == "big" {
+                too_big.insert(id);
+            } else {
+                account.record_acked(id);
+            }
+        }
+    }
+
+    wait_until(
+        Duration::from_secs(30),
+        "everything forwarded or dead-lettered",
+        || async { outbox_report(&api).await["pending"] == 0 },
+    )
+    .await;
+    let dead: serde_json::Value = http
+        .get(format!("{api}/v1/outbox/dead?limit=1000"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let entries = dead["messages"].as_array().unwrap();
+    let charged: Vec<&str> = entries
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .filter(|id| !id.starts_with("big-"))
+        .collect();
+    assert!(
+        charged.is_empty(),
+        "messages to another exchange were charged with the refusal: {charged:?}"
+    );
+    let big = entries
+        .iter()
+        .find(|e| e["id"].as_str().is_some_and(|id| too_big.contains(id)))
+        .expect("a refused message is dead-lettered");
+    assert!(
+        big["reason"].as_str().unwrap().contains("max size"),
+        "{big}"
+    );
+
+    consume_all(&node.amqp_url(), QUEUE, &account, Duration::from_secs(30)).await;
+    println!("closed channel: {}", account.report());
+    account.assert_no_loss();
+    running.shutdown();
+    running.wait().await.unwrap();
+}
