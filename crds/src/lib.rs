@@ -10,6 +10,7 @@
 //!   delay strategy and which app answers are retried.
 //! - [`sidecar_config`]: the sidecar's consumer configuration.
 //! - [`duration`]: durations written as `4s` or `1m30s`.
+//! - [`outbox`]: how many bytes an outbox volume of a given size can hold.
 //! - with the `kube` feature, the custom resources: [`reliable_queue`]
 //!   (`ReliableQueue`) and [`retry_policy`] (`RetryPolicy`), group
 //!   `warren.dev`, version `v1alpha1`.
@@ -17,6 +18,7 @@
 pub mod backoff;
 pub mod duration;
 pub mod names;
+pub mod outbox;
 #[cfg(feature = "kube")]
 pub mod reliable_queue;
 pub mod retry;

@@ -158,12 +158,46 @@ impl Default for OutboxSettings {
     }
 }
 
+impl OutboxSettings {
+    /// The sidecar's `--max-outbox-bytes` for a claim of [`Self::size`]:
+    /// what the volume holds besides the outbox engine's own bytes, with
+    /// the sidecar's default segment size and message limit.
+    pub fn max_outbox_bytes(&self) -> Result<u64, String> {
+        use warren_crds::outbox::{
+            DEFAULT_MAX_MESSAGES, DEFAULT_SEGMENT_BYTES, EngineKind, max_bytes_for_volume,
+            parse_bytes_quantity,
+        };
+        let volume = parse_bytes_quantity(&self.size).map_err(|e| format!("outbox.size: {e}"))?;
+        max_bytes_for_volume(
+            volume,
+            EngineKind::Segment,
+            DEFAULT_SEGMENT_BYTES,
+            DEFAULT_MAX_MESSAGES,
+        )
+        .ok_or_else(|| {
+            format!(
+                "outbox.size {} is too small for an outbox: the sidecar needs room for two \
+                 {} MiB segments and its frames besides the messages (at least 256Mi)",
+                self.size,
+                DEFAULT_SEGMENT_BYTES >> 20
+            )
+        })
+    }
+}
+
 impl InjectionConfig {
     /// Reads the settings file; a missing file means the defaults.
     pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
         match std::fs::read_to_string(path) {
-            Ok(text) => serde_yaml_ng::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("invalid injection config {}: {e}", path.display())),
+            Ok(text) => {
+                let cfg: Self = serde_yaml_ng::from_str(&text).map_err(|e| {
+                    anyhow::anyhow!("invalid injection config {}: {e}", path.display())
+                })?;
+                cfg.outbox.max_outbox_bytes().map_err(|e| {
+                    anyhow::anyhow!("invalid injection config {}: {e}", path.display())
+                })?;
+                Ok(cfg)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(e) => Err(anyhow::anyhow!(
                 "cannot read injection config {}: {e}",
@@ -793,6 +827,11 @@ pub fn sidecar_container(
         env("WARREN_DRAIN_TIMEOUT", cfg.drain_timeout.to_string()),
         env("WARREN_LOG_FORMAT", "json"),
     ];
+    // Checked when the settings are loaded; the sidecar's own default
+    // (derived from the volume it finds) applies otherwise.
+    if let Ok(limit) = cfg.outbox.max_outbox_bytes() {
+        env_vars.push(env("WARREN_MAX_OUTBOX_BYTES", limit.to_string()));
+    }
     env_vars.extend(broker_env(&resolved.broker));
     if !resolved.config.queues.is_empty() {
         env_vars.push(env(
@@ -1680,5 +1719,36 @@ mod tests {
         std::fs::write(&path, "imagee: x\n").unwrap();
         let e = InjectionConfig::load(&path).unwrap_err().to_string();
         assert!(e.contains("imagee"), "{e}");
+        for (size, why) in [("5GB", "not a quantity"), ("100Mi", "too small")] {
+            std::fs::write(&path, format!("outbox:\n  size: {size}\n")).unwrap();
+            let e = InjectionConfig::load(&path).unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains(size), "{size}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_sidecar_is_told_the_limit_its_claim_holds() {
+        let mut cfg = InjectionConfig::default();
+        let limit_of = |cfg: &InjectionConfig| -> u64 {
+            let (mut meta, mut spec) = pod(&[(INJECT, "enabled"), (QUEUES, "orders")]);
+            inject(&mut meta, &mut spec, &resources(), cfg, true).unwrap();
+            env_of(sidecar(&spec), "WARREN_MAX_OUTBOX_BYTES")
+                .and_then(|e| e.value)
+                .expect("WARREN_MAX_OUTBOX_BYTES")
+                .parse()
+                .unwrap()
+        };
+        // The chart's default claim: the limit and the engine's own bytes
+        // fit in what the filesystem leaves of it.
+        let gib = 1u64 << 30;
+        let default = limit_of(&cfg);
+        let engine = warren_crds::outbox::FRAME_OVERHEAD
+            * warren_crds::outbox::DEFAULT_MAX_MESSAGES
+            + 2 * warren_crds::outbox::DEFAULT_SEGMENT_BYTES;
+        assert!(default + engine <= gib - gib / 10, "{default}");
+        assert!(default >= gib / 2, "{default}");
+        // A bigger claim, a bigger limit.
+        cfg.outbox.size = "10Gi".into();
+        assert!(limit_of(&cfg) > 9 * default, "{}", limit_of(&cfg));
     }
 }

@@ -116,9 +116,11 @@ pub struct Config {
     #[arg(long, env = "WARREN_MAX_OUTBOX_MESSAGES", default_value_t = 1_000_000)]
     pub max_outbox_messages: u64,
 
-    /// Most encoded bytes the outbox holds before publishes are answered 507.
-    #[arg(long, env = "WARREN_MAX_OUTBOX_BYTES", default_value_t = 1 << 30)]
-    pub max_outbox_bytes: u64,
+    /// Most encoded bytes the outbox holds before publishes are answered
+    /// 507. Unset: what the data dir's filesystem can hold besides the
+    /// engine's own bytes, at most 1 GiB (see `docs/outbox-format.md`).
+    #[arg(long, env = "WARREN_MAX_OUTBOX_BYTES")]
+    pub max_outbox_bytes: Option<u64>,
 
     /// Largest accepted message body, in bytes (larger: 413).
     #[arg(long, env = "WARREN_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]

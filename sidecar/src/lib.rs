@@ -50,7 +50,7 @@ use crate::config::{Config, redact_url};
 use crate::consumer::{Consumer, ConsumerSettings, ConsumerState};
 use crate::forwarder::{Forwarder, ForwarderConfig};
 use crate::metrics::Metrics;
-use crate::outbox::{Durability, Limits, Outbox, SegmentOptions, Stats, Store};
+use crate::outbox::{Durability, Engine, Limits, Outbox, SegmentOptions, Stats, Store};
 use crate::relay::{Relay, RelayStatus};
 use crate::status::BrokerStatus;
 
@@ -118,7 +118,7 @@ pub async fn start_with(cfg: Config, store: Option<Arc<dyn Store>>) -> anyhow::R
     };
     let limits = Limits {
         max_messages: cfg.max_outbox_messages,
-        max_bytes: cfg.max_outbox_bytes,
+        max_bytes: outbox_byte_limit(&cfg)?,
     };
     let outbox = Outbox::open(store, limits, cfg.durability, metrics.clone())?;
     let left = outbox.stats();
@@ -299,4 +299,57 @@ pub async fn start_with(cfg: Config, store: Option<Arc<dyn Store>>) -> anyhow::R
         shutdown,
         task,
     })
+}
+
+/// `--max-outbox-bytes`, or what the data dir's filesystem can hold. A
+/// limit above what the volume holds would turn 507 (full, retry later)
+/// into disk-full errors: the smaller one applies, with a warning.
+fn outbox_byte_limit(cfg: &Config) -> anyhow::Result<u64> {
+    use warren_crds::outbox::{DEFAULT_MAX_BYTES, EngineKind, max_bytes_for_volume};
+    let engine = match cfg.outbox_engine {
+        Engine::Segment => EngineKind::Segment,
+        Engine::Sled => EngineKind::Sled,
+    };
+    let volume = filesystem_bytes(&cfg.data_dir)
+        .with_context(|| format!("cannot read the size of {}", cfg.data_dir.display()))?;
+    let Some(fits) = max_bytes_for_volume(
+        volume,
+        engine,
+        cfg.outbox_segment_bytes,
+        cfg.max_outbox_messages,
+    ) else {
+        anyhow::bail!(
+            "the {volume}-byte filesystem of {} is too small for an outbox with \
+             --outbox-segment-bytes {} and --max-outbox-messages {}",
+            cfg.data_dir.display(),
+            cfg.outbox_segment_bytes,
+            cfg.max_outbox_messages
+        );
+    };
+    Ok(match cfg.max_outbox_bytes {
+        Some(asked) if asked > fits => {
+            tracing::warn!(
+                asked,
+                limit = fits,
+                volume,
+                "--max-outbox-bytes does not fit on the data dir's filesystem with the outbox engine's own bytes; using the most it holds"
+            );
+            fits
+        }
+        Some(asked) => asked,
+        None => fits.min(DEFAULT_MAX_BYTES),
+    })
+}
+
+/// Size of the filesystem `dir` is on.
+fn filesystem_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statvfs struct to fill.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_blocks as u64).saturating_mul(st.f_frsize as u64))
 }
