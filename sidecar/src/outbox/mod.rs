@@ -544,6 +544,53 @@ impl Outbox {
         Ok(new_seq)
     }
 
+    /// Moves every dead entry that `matches` accepts back to the end of the
+    /// pending queue, in sequence order, with one flush for all of them.
+    /// Returns the moved entries as `(old seq, new seq)`. An entry that
+    /// cannot be decoded is not offered to `matches` and stays. Safe against
+    /// concurrent requeues: an entry another call moved first is skipped.
+    pub async fn requeue_dead_matching(
+        &self,
+        mut matches: impl FnMut(u64, &DeadEntry) -> bool,
+    ) -> Result<Vec<(u64, u64)>, OutboxError> {
+        self.check_poison()?;
+        let mut moved = Vec::new();
+        let mut from = 0;
+        loop {
+            let page = self.store.scan(Area::Dead, from, 256)?;
+            let Some(&(last, _)) = page.last() else {
+                break;
+            };
+            for (seq, raw) in page {
+                let chosen = DeadEntry::decode(&raw).is_ok_and(|dead| matches(seq, &dead));
+                if !chosen {
+                    continue;
+                }
+                // Read again under the lock: a concurrent call may have
+                // moved it since the scan.
+                match self.move_dead(seq) {
+                    Ok(Some(new_seq)) => moved.push((seq, new_seq)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        if !moved.is_empty() {
+                            self.new_entries.notify_one();
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            let Some(next) = last.checked_add(1) else {
+                break;
+            };
+            from = next;
+        }
+        if !moved.is_empty() {
+            self.new_entries.notify_one();
+            self.sync().await?;
+        }
+        Ok(moved)
+    }
+
     /// Moves dead entry `seq` to the end of the pending queue (not flushed).
     /// The entry is read under the lock every move out of the dead area
     /// holds, so two concurrent moves of one entry cannot both find it.
