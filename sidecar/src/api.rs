@@ -124,6 +124,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/batch", post(publish_batch))
         .route("/v1/outbox", get(outbox_status))
         .route("/v1/outbox/dead", get(dead_list))
+        .route("/v1/outbox/dead/retry", post(dead_retry_matching))
         .route("/v1/outbox/dead/{seq}/retry", post(dead_retry))
         .route("/v1/consumer", get(consumer_status))
         .route("/v1/relay", get(relay_status))
@@ -665,6 +666,128 @@ async fn dead_retry(
             e.to_string(),
         )),
     }
+}
+
+/// The body of `POST /v1/outbox/dead/retry`: which dead-lettered messages
+/// to move back to the pending queue. The criteria combine (all must hold);
+/// `all` replays every one and stands alone.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeadFilter {
+    #[serde(default)]
+    all: bool,
+    /// The exchange the message was published to (`amq.default` for the
+    /// default exchange).
+    exchange: Option<String>,
+    /// A substring of the refusal reason.
+    reason_contains: Option<String>,
+    /// Dead-lettered before this time (ms since the Unix epoch).
+    dead_before_ms: Option<u64>,
+    /// Dead-lettered at least this long ago (`30s`, `5m`, `2h`).
+    older_than: Option<String>,
+}
+
+/// Most `(seq, new_seq)` pairs a bulk replay lists; the count is complete.
+const REPLAY_LISTED_MAX: usize = 1000;
+
+async fn dead_retry_matching(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let (parts, body) = req.into_parts();
+    let raw = read_body(body, &parts.headers, 64 * 1024).await?;
+    let missing = || {
+        ApiError::invalid(
+            "a filter is required: any of exchange, reason_contains, dead_before_ms, \
+             older_than, or {\"all\": true} to replay every dead-lettered message",
+        )
+    };
+    if raw.iter().all(u8::is_ascii_whitespace) {
+        return Err(missing());
+    }
+    let f: DeadFilter = serde_json::from_slice(&raw)
+        .map_err(|e| ApiError::invalid(format!("malformed filter: {e}")))?;
+    let narrowed = f.exchange.is_some()
+        || f.reason_contains.is_some()
+        || f.dead_before_ms.is_some()
+        || f.older_than.is_some();
+    if f.all && narrowed {
+        return Err(ApiError::invalid(
+            "\"all\": true replays every dead-lettered message and cannot be combined with a filter",
+        ));
+    }
+    if !f.all && !narrowed {
+        return Err(missing());
+    }
+    let exchange = match f.exchange.as_deref() {
+        Some("") => {
+            return Err(ApiError::invalid(format!(
+                "exchange must not be empty; the default exchange is {DEFAULT_EXCHANGE_ALIAS}"
+            )));
+        }
+        Some(DEFAULT_EXCHANGE_ALIAS) => Some(""),
+        other => other,
+    };
+    if f.reason_contains.as_deref() == Some("") {
+        return Err(ApiError::invalid("reason_contains must not be empty"));
+    }
+    let now = now_ms();
+    let older_cutoff = match f.older_than.as_deref() {
+        Some(text) => {
+            let age = humantime::parse_duration(text).map_err(|e| {
+                ApiError::invalid(format!(
+                    "older_than: invalid duration {text:?} ({e}); use e.g. 30s, 5m, 2h"
+                ))
+            })?;
+            Some(now.saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX)))
+        }
+        None => None,
+    };
+    let mut corrupt = 0u64;
+    let moved = state
+        .outbox
+        .requeue_dead_matching(|_, dead| {
+            if f.dead_before_ms.is_some_and(|t| dead.dead_at_ms >= t)
+                || older_cutoff.is_some_and(|t| dead.dead_at_ms > t)
+                || f.reason_contains
+                    .as_deref()
+                    .is_some_and(|r| !dead.reason.contains(r))
+            {
+                return false;
+            }
+            let Some(exchange) = exchange else {
+                return true;
+            };
+            match Message::decode(&dead.raw) {
+                Ok(m) => m.exchange == exchange,
+                Err(_) => {
+                    corrupt += 1;
+                    false
+                }
+            }
+        })
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "outbox_failed",
+                e.to_string(),
+            )
+        })?;
+    let listed: Vec<serde_json::Value> = moved
+        .iter()
+        .take(REPLAY_LISTED_MAX)
+        .map(|(seq, new_seq)| json!({ "seq": seq, "new_seq": new_seq }))
+        .collect();
+    let mut body = json!({
+        "requeued": moved.len(),
+        "messages": listed,
+        "truncated": moved.len() > REPLAY_LISTED_MAX,
+    });
+    if corrupt > 0 {
+        body["skipped_corrupt"] = json!(corrupt);
+    }
+    Ok((StatusCode::ACCEPTED, Json(body)))
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {

@@ -168,7 +168,8 @@ pub struct Config {
     pub retry_max: Duration,
 
     /// A message refused by the broker for this long moves to the local
-    /// dead-letter area (kept on disk, listed by GET /v1/outbox/dead).
+    /// dead-letter area (kept on disk, listed by GET /v1/outbox/dead,
+    /// replayed by POST /v1/outbox/dead/retry).
     #[arg(long, env = "WARREN_DEAD_LETTER_AFTER", value_parser = duration, default_value = "10m")]
     pub dead_letter_after: Duration,
 

@@ -532,42 +532,97 @@ impl Outbox {
 
     /// Moves dead entry `seq` back to the end of the pending queue, for
     /// another round of forwarding. Returns its new sequence number, or
-    /// `None` if there is no such dead entry.
+    /// `None` if there is no such dead entry. Of concurrent calls for the
+    /// same entry exactly one moves it; the others find it gone.
     pub async fn requeue_dead(&self, seq: u64) -> Result<Option<u64>, OutboxError> {
         self.check_poison()?;
+        let new_seq = self.move_dead(seq)?;
+        if new_seq.is_some() {
+            self.new_entries.notify_one();
+            self.sync().await?;
+        }
+        Ok(new_seq)
+    }
+
+    /// Moves every dead entry that `matches` accepts back to the end of the
+    /// pending queue, in sequence order, with one flush for all of them.
+    /// Returns the moved entries as `(old seq, new seq)`. An entry that
+    /// cannot be decoded is not offered to `matches` and stays. Safe against
+    /// concurrent requeues: an entry another call moved first is skipped.
+    pub async fn requeue_dead_matching(
+        &self,
+        mut matches: impl FnMut(u64, &DeadEntry) -> bool,
+    ) -> Result<Vec<(u64, u64)>, OutboxError> {
+        self.check_poison()?;
+        let mut moved = Vec::new();
+        let mut from = 0;
+        loop {
+            let page = self.store.scan(Area::Dead, from, 256)?;
+            let Some(&(last, _)) = page.last() else {
+                break;
+            };
+            for (seq, raw) in page {
+                let chosen = DeadEntry::decode(&raw).is_ok_and(|dead| matches(seq, &dead));
+                if !chosen {
+                    continue;
+                }
+                // Read again under the lock: a concurrent call may have
+                // moved it since the scan.
+                match self.move_dead(seq) {
+                    Ok(Some(new_seq)) => moved.push((seq, new_seq)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        if !moved.is_empty() {
+                            self.new_entries.notify_one();
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            let Some(next) = last.checked_add(1) else {
+                break;
+            };
+            from = next;
+        }
+        if !moved.is_empty() {
+            self.new_entries.notify_one();
+            self.sync().await?;
+        }
+        Ok(moved)
+    }
+
+    /// Moves dead entry `seq` to the end of the pending queue (not flushed).
+    /// The entry is read under the lock every move out of the dead area
+    /// holds, so two concurrent moves of one entry cannot both find it.
+    fn move_dead(&self, seq: u64) -> Result<Option<u64>, OutboxError> {
+        let mut c = self.counters.lock().unwrap();
         let Some(raw) = self.store.get(Area::Dead, seq)? else {
             return Ok(None);
         };
         let dead = DeadEntry::decode(&raw).map_err(|e| StoreError(e.to_string()))?;
-        let new_seq = {
-            let mut c = self.counters.lock().unwrap();
-            let new_seq = c.next_seq;
-            let pending_len = dead.raw.len() as u64;
-            let ops = vec![
-                Op::Delete {
-                    area: Area::Dead,
-                    key: seq,
-                },
-                Op::Put {
-                    area: Area::Pending,
-                    key: new_seq,
-                    value: dead.raw,
-                },
-            ];
-            if let Err(e) = self.store.apply(ops) {
-                drop(c);
-                self.poison(&e);
-                return Err(e.into());
-            }
-            c.next_seq += 1;
-            c.stats.dead -= 1;
-            c.stats.dead_bytes -= raw.len() as u64;
-            c.stats.pending += 1;
-            c.stats.pending_bytes += pending_len;
-            new_seq
-        };
-        self.new_entries.notify_one();
-        self.sync().await?;
+        let new_seq = c.next_seq;
+        let pending_len = dead.raw.len() as u64;
+        let ops = vec![
+            Op::Delete {
+                area: Area::Dead,
+                key: seq,
+            },
+            Op::Put {
+                area: Area::Pending,
+                key: new_seq,
+                value: dead.raw,
+            },
+        ];
+        if let Err(e) = self.store.apply(ops) {
+            drop(c);
+            self.poison(&e);
+            return Err(e.into());
+        }
+        c.next_seq += 1;
+        c.stats.dead -= 1;
+        c.stats.dead_bytes -= raw.len() as u64;
+        c.stats.pending += 1;
+        c.stats.pending_bytes += pending_len;
         Ok(Some(new_seq))
     }
 
