@@ -27,8 +27,12 @@ struct Cli {
 /// given up.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 
+/// Flags take durations in the same grammar as manifests and config files
+/// (`500ms`, `4s`, `1m30s`).
 fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
+    s.parse::<warren_crds::duration::HumanDuration>()
+        .map(Duration::from)
+        .map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Subcommand)]

@@ -734,11 +734,10 @@ async fn dead_retry_matching(
     let now = now_ms();
     let older_cutoff = match f.older_than.as_deref() {
         Some(text) => {
-            let age = humantime::parse_duration(text).map_err(|e| {
-                ApiError::invalid(format!(
-                    "older_than: invalid duration {text:?} ({e}); use e.g. 30s, 5m, 2h"
-                ))
-            })?;
+            let age: std::time::Duration = text
+                .parse::<warren_crds::duration::HumanDuration>()
+                .map_err(|e| ApiError::invalid(format!("older_than: {e}")))?
+                .into();
             Some(now.saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX)))
         }
         None => None,

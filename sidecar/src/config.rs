@@ -11,8 +11,12 @@ use warren_crds::sidecar_config::SidecarConfig;
 
 use crate::outbox::{Durability, Engine};
 
+/// Flags take durations in the same grammar as manifests and config files
+/// (`500ms`, `4s`, `1m30s`).
 fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
+    s.parse::<warren_crds::duration::HumanDuration>()
+        .map(Duration::from)
+        .map_err(|e| e.to_string())
 }
 
 /// How the sidecar logs.
@@ -508,6 +512,25 @@ mod tests {
             ..c
         };
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn flags_take_durations_in_the_manifest_grammar() {
+        let parse = |d: &str| {
+            Config::try_parse_from([
+                "warren-sidecar",
+                "--data-dir=/tmp/x",
+                &format!("--drain-timeout={d}"),
+            ])
+            .map(|c| c.drain_timeout)
+        };
+        assert_eq!(parse("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse("250ms").unwrap(), Duration::from_millis(250));
+        // What a ReliableQueue or RetryPolicy would refuse, a flag refuses.
+        for other in ["1min", "2 hours", "1d", "90", "5us"] {
+            let e = parse(other).unwrap_err().to_string();
+            assert!(e.contains("expected a number with a unit"), "{other}: {e}");
+        }
     }
 
     fn parts(args: &[&str]) -> Config {
