@@ -32,6 +32,7 @@ use rabbitmq_http_client::commons::{BindingDestinationType, ExchangeType, Policy
 use rabbitmq_http_client::requests::{
     BindingDeletionParams, ExchangeParams, PolicyParams, QueueParams,
 };
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
 use warren_crds::reliable_queue::QueueKind;
 
@@ -46,7 +47,7 @@ pub struct Broker {
     /// `if-empty`, which lets the broker refuse atomically.
     http: reqwest::Client,
     username: String,
-    password: String,
+    password: SecretString,
     /// How long a quorum queue's counts in the management statistics may
     /// lag behind the queue ([`STATS_SETTLE`]).
     stats_settle: Duration,
@@ -234,7 +235,7 @@ impl Broker {
             endpoint,
             http,
             username: username.to_owned(),
-            password: password.to_owned(),
+            password: password.into(),
             stats_settle: STATS_SETTLE,
         })
     }
@@ -269,7 +270,7 @@ impl Broker {
         let response = self
             .http
             .delete(&url)
-            .basic_auth(&self.username, Some(&self.password))
+            .basic_auth(&self.username, Some(self.password.expose_secret()))
             .send()
             .await
             .map_err(|e| self.transport_error(&e))?;

@@ -33,6 +33,7 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use warren_crds::reliable_queue::{
     Condition, Counts, DeletionPolicy, OwnedObjects, ReliableQueue, ReliableQueueStatus,
@@ -88,12 +89,13 @@ pub struct Context {
     pub retry: Duration,
 }
 
-/// The broker a ReliableQueue's Secret points at.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The broker a ReliableQueue's Secret points at (`Debug` shows no
+/// password).
+#[derive(Debug, Clone)]
 pub struct BrokerAccess {
     pub management_url: String,
     pub username: String,
-    pub password: String,
+    pub password: SecretString,
     /// PEM CA certificates the management API's certificate must chain
     /// to (the Secret's `ca.crt` key); else the system's roots.
     pub ca_pem: Option<String>,
@@ -105,7 +107,7 @@ impl BrokerAccess {
         Broker::with_ca(
             &self.management_url,
             &self.username,
-            &self.password,
+            self.password.expose_secret(),
             self.ca_pem.as_deref(),
         )
     }
@@ -168,7 +170,7 @@ pub fn broker_access(
         };
         BrokerUrl {
             username: need("username")?,
-            password: need("password")?,
+            password: need("password")?.into(),
             host: need("host")?,
             port: None,
             tls: false,
@@ -939,11 +941,14 @@ mod tests {
         ]);
         let a = broker_access(&cluster_operator, None).unwrap();
         assert_eq!(a.management_url, "http://rabbit.ns.svc:15672");
-        assert_eq!((a.username.as_str(), a.password.as_str()), ("app", "pw"));
+        assert_eq!(
+            (a.username.as_str(), a.password.expose_secret()),
+            ("app", "pw")
+        );
         let uri = secret(&[("uri", "amqp://u:p%40ss@h:5672/%2f")]);
         let a = broker_access(&uri, Some("https://mgmt:15671")).unwrap();
         assert_eq!(a.management_url, "https://mgmt:15671");
-        assert_eq!(a.password, "p@ss");
+        assert_eq!(a.password.expose_secret(), "p@ss");
         let e = broker_access(&secret(&[("username", "x")]), None).unwrap_err();
         assert!(e.to_string().contains("`password`"), "{e}");
         assert_eq!(e.reason(), "SecretInvalid");

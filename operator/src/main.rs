@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures::FutureExt;
 
 use clap::{Parser, Subcommand};
+use secrecy::{ExposeSecret, SecretString};
 use warren_operator::apply::Broker;
 use warren_operator::controller::Scope;
 use warren_operator::inject::InjectionConfig;
@@ -26,6 +27,11 @@ struct Cli {
 /// How long SIGTERM waits for running reconciles and for the Lease to be
 /// given up.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
+
+/// A flag's value that `Debug` does not show.
+fn secret(s: &str) -> Result<SecretString, String> {
+    Ok(s.into())
+}
 
 /// Flags take durations in the same grammar as manifests and config files
 /// (`500ms`, `4s`, `1m30s`).
@@ -96,8 +102,8 @@ enum Command {
         files: Vec<PathBuf>,
         /// amqp:// or amqps:// URL; its credentials are used for the
         /// management API.
-        #[arg(long, env = "WARREN_BROKER_URL", hide_env_values = true)]
-        broker_url: String,
+        #[arg(long, env = "WARREN_BROKER_URL", hide_env_values = true, value_parser = secret)]
+        broker_url: SecretString,
         /// Management API URL; default: the broker's host on port 15672,
         /// or https:// on port 15671 for an amqps:// broker URL (or port
         /// 5671). Plain http:// is refused for such a broker.
@@ -227,7 +233,7 @@ fn inject(files: &[PathBuf], config: Option<&std::path::Path>) -> anyhow::Result
 
 async fn apply(
     files: Vec<PathBuf>,
-    broker_url: String,
+    broker_url: SecretString,
     management_url: Option<String>,
     ca_cert: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
@@ -244,7 +250,7 @@ async fn apply(
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let url = BrokerUrl::parse(&broker_url).map_err(anyhow::Error::msg)?;
+    let url = BrokerUrl::parse(broker_url.expose_secret()).map_err(anyhow::Error::msg)?;
     let management_url = warren_operator::apply::management_url(management_url.as_deref(), &url)?;
     let ca = match &ca_cert {
         Some(path) => Some(
@@ -253,7 +259,12 @@ async fn apply(
         ),
         None => None,
     };
-    let broker = Broker::with_ca(&management_url, &url.username, &url.password, ca.as_deref())?;
+    let broker = Broker::with_ca(
+        &management_url,
+        &url.username,
+        url.password.expose_secret(),
+        ca.as_deref(),
+    )?;
     broker.ping().await?;
     let mut failed = false;
     for rq in &manifests.queues {
@@ -544,4 +555,23 @@ async fn run(
         Err(_) => tracing::warn!("releasing the leader lease timed out"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_broker_url_flag_never_shows_its_password() {
+        let cli = Cli::parse_from([
+            "warren-operator",
+            "apply",
+            "-f",
+            "queues.yaml",
+            "--broker-url=amqp://app:Hunter2%2F%40%3A@rabbit:5672/%2f",
+        ]);
+        for text in [format!("{cli:?}"), format!("{cli:#?}")] {
+            assert!(!text.contains("Hunter2"), "{text}");
+        }
+    }
 }

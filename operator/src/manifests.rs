@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use secrecy::SecretString;
 use serde::Deserialize;
 use warren_crds::reliable_queue::ReliableQueue;
 use warren_crds::retry_policy::RetryPolicy;
@@ -93,11 +94,11 @@ impl Manifests {
 }
 
 /// The parts of an `amqp://user:pass@host:port/vhost` URL the management
-/// API needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// API needs. `Debug` shows no password.
+#[derive(Debug, Clone)]
 pub struct BrokerUrl {
     pub username: String,
-    pub password: String,
+    pub password: SecretString,
     pub host: String,
     /// The AMQP port, when given.
     pub port: Option<u16>,
@@ -110,12 +111,16 @@ pub struct BrokerUrl {
 pub const AMQPS_PORT: u16 = 5671;
 
 impl BrokerUrl {
-    /// Parses an amqp:// or amqps:// URL (default credentials guest/guest).
+    /// Parses an amqp:// or amqps:// URL with the `url` crate (default
+    /// credentials guest/guest). Errors never quote the URL.
     pub fn parse(url: &str) -> Result<Self, String> {
-        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
-            "the broker URL must look like amqp://user:pass@host:5672/vhost".to_owned()
-        })?;
-        let tls = match scheme {
+        const SHAPE: &str = "the broker URL must look like amqp://user:pass@host:5672/vhost";
+        if !url.contains("://") {
+            return Err(SHAPE.to_owned());
+        }
+        let parsed = url::Url::parse(url.trim())
+            .map_err(|e| format!("invalid broker URL ({e}); {SHAPE}"))?;
+        let tls = match parsed.scheme() {
             "amqp" => false,
             "amqps" => true,
             other => {
@@ -124,42 +129,27 @@ impl BrokerUrl {
                 ));
             }
         };
-        let authority = rest.split(['/', '?']).next().unwrap_or_default();
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, authority),
+        let host = match parsed.host() {
+            Some(url::Host::Domain(d)) => d.to_owned(),
+            Some(url::Host::Ipv4(a)) => a.to_string(),
+            Some(url::Host::Ipv6(a)) => format!("[{a}]"),
+            None => String::new(),
         };
-        let (username, password) = match userinfo {
-            Some(u) => match u.split_once(':') {
-                Some((user, pass)) => (percent_decode(user)?, percent_decode(pass)?),
-                None => (percent_decode(u)?, String::new()),
-            },
-            None => ("guest".into(), "guest".into()),
-        };
-        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-            let (addr, rest) = v6.split_once(']').unwrap_or((v6, ""));
-            (format!("[{addr}]"), rest.strip_prefix(':'))
-        } else {
-            match hostport.split_once(':') {
-                Some((h, p)) => (h.to_owned(), Some(p)),
-                None => (hostport.to_owned(), None),
-            }
-        };
-        if host.is_empty() || host == "[]" {
+        if host.is_empty() {
             return Err("the broker URL has no host".into());
         }
-        let port = match port.filter(|p| !p.is_empty()) {
-            Some(p) => Some(
-                p.parse::<u16>()
-                    .map_err(|_| format!("the broker URL's port {p:?} is not a port number"))?,
+        let (username, password) = match (parsed.username(), parsed.password()) {
+            ("", None) => ("guest".into(), "guest".into()),
+            (user, pass) => (
+                percent_decode(user)?,
+                percent_decode(pass.unwrap_or_default())?,
             ),
-            None => None,
         };
         Ok(Self {
             username,
-            password,
+            password: password.into(),
             host,
-            port,
+            port: parsed.port(),
             tls,
         })
     }
@@ -197,7 +187,10 @@ fn percent_decode(s: &str) -> Result<String, String> {
             let hex = s
                 .get(i + 1..i + 3)
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("invalid percent-encoding in {s:?}"))?;
+                // Never quote it: it may be a password.
+                .ok_or_else(|| {
+                    "invalid percent-encoding in the broker URL's user info".to_owned()
+                })?;
             out.push(hex);
             i += 3;
         } else {
@@ -205,18 +198,20 @@ fn percent_decode(s: &str) -> Result<String, String> {
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
+    String::from_utf8(out)
+        .map_err(|_| "the broker URL's user info is not UTF-8 once decoded".to_owned())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use secrecy::ExposeSecret;
 
     #[test]
     fn broker_urls_give_credentials_and_host() {
         let u = BrokerUrl::parse("amqp://app:s3cr%40t@rabbit.prod:5672/%2f").unwrap();
         assert_eq!(u.username, "app");
-        assert_eq!(u.password, "s3cr@t");
+        assert_eq!(u.password.expose_secret(), "s3cr@t");
         assert_eq!(u.host, "rabbit.prod");
         assert_eq!(u.default_management_url(), "http://rabbit.prod:15672");
         let u = BrokerUrl::parse("amqps://[::1]:5671").unwrap();
@@ -233,6 +228,48 @@ mod tests {
         assert!(BrokerUrl::parse("http://x").is_err());
         assert!(BrokerUrl::parse("amqp://u:p@/").is_err());
         assert!(BrokerUrl::parse("amqp://u:%zz@h").is_err());
+    }
+
+    #[test]
+    fn broker_credentials_never_show() {
+        const MARK: &str = "Hunter2";
+        for url in [
+            "amqp://app:Hunter2@rabbit:5672/%2f",
+            "amqps://app:Hunter2%2Fenc%40oded%3A%25@rabbit:5671/orders",
+            "amqp://app:Hunter2@at@rabbit",
+            "amqp://app:Hunter2:colon@rabbit",
+        ] {
+            let u = BrokerUrl::parse(url).unwrap();
+            assert!(u.password.expose_secret().starts_with(MARK), "{url}");
+            assert_eq!(u.host, "rabbit", "{url}");
+            for text in [format!("{u:?}"), format!("{u:#?}")] {
+                assert!(!text.contains(MARK), "BrokerUrl shows the password: {text}");
+            }
+            let access = crate::controller::BrokerAccess {
+                management_url: u.default_management_url(),
+                username: u.username.clone(),
+                password: u.password.clone(),
+                ca_pem: None,
+            };
+            let text = format!("{access:?}");
+            assert!(
+                !text.contains(MARK),
+                "BrokerAccess shows the password: {text}"
+            );
+        }
+        // Errors never quote the URL.
+        for url in [
+            "amqp://app:Hunter2/slash@rabbit",
+            "amqp://app:Hunter2%zz@rabbit",
+            "amqp://app:Hunter2%FF@rabbit",
+            "http://app:Hunter2@rabbit",
+        ] {
+            let e = BrokerUrl::parse(url).unwrap_err();
+            assert!(
+                !e.contains(MARK),
+                "{url}: the error shows the password: {e}"
+            );
+        }
     }
 
     #[test]

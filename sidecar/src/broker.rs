@@ -7,12 +7,13 @@ use std::time::Duration;
 use lapin::tcp::OwnedTLSConfig;
 use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
+use secrecy::{ExposeSecret, SecretString};
 
 /// How to reach the broker.
 #[derive(Debug, Clone)]
 pub struct BrokerSettings {
-    /// amqp:// or amqps:// URL, credentials included.
-    pub url: String,
+    /// amqp:// or amqps:// URL, credentials included (redacted in `Debug`).
+    pub url: SecretString,
     /// PEM CA bundle for amqps://, if not the system roots.
     pub tls_ca_pem: Option<String>,
     /// AMQP heartbeat interval.
@@ -34,6 +35,7 @@ pub enum ConnectError {
 pub async fn connect(settings: &BrokerSettings, name: &str) -> Result<Connection, ConnectError> {
     let mut uri: AMQPUri = settings
         .url
+        .expose_secret()
         .parse()
         .map_err(|e: String| ConnectError::Failed(format!("invalid broker URL: {e}")))?;
     uri.query

@@ -30,7 +30,7 @@ pub enum LogFormat {
 
 /// warren-sidecar: accepts messages on localhost, keeps them in a durable
 /// outbox and forwards them to RabbitMQ with publisher confirms.
-#[derive(Debug, Clone, Parser)]
+#[derive(Clone, Parser)]
 #[command(name = "warren-sidecar", version, about)]
 pub struct Config {
     /// Broker URL, amqp:// or amqps:// (credentials may be embedded).
@@ -270,6 +270,78 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
+/// Every field, with the broker URLs and the relay's connection string
+/// redacted ([`redact_url`], [`crate::relay::redact_pg`]) and the password
+/// and consumer JSON hidden.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("broker_url", &redact_url(&self.broker_url))
+            .field("broker_uri", &self.broker_uri.as_deref().map(redact_url))
+            .field(
+                "broker_connection_string",
+                &self.broker_connection_string.as_deref().map(redact_url),
+            )
+            .field("broker_host", &self.broker_host)
+            .field("broker_port", &self.broker_port)
+            .field("broker_username", &self.broker_username)
+            .field(
+                "broker_password",
+                &self.broker_password.as_ref().map(|_| REDACTED),
+            )
+            .field("broker_vhost", &self.broker_vhost)
+            .field("broker_tls", &self.broker_tls)
+            .field("data_dir", &self.data_dir)
+            .field("listen", &self.listen)
+            .field("admin_listen", &self.admin_listen)
+            .field("durability", &self.durability)
+            .field("outbox_engine", &self.outbox_engine)
+            .field("outbox_segment_bytes", &self.outbox_segment_bytes)
+            .field("flush_interval", &self.flush_interval)
+            .field("max_outbox_messages", &self.max_outbox_messages)
+            .field("max_outbox_bytes", &self.max_outbox_bytes)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("max_batch_bytes", &self.max_batch_bytes)
+            .field("max_batch_messages", &self.max_batch_messages)
+            .field("confirm_window", &self.confirm_window)
+            .field("confirm_timeout", &self.confirm_timeout)
+            .field("heartbeat", &self.heartbeat)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("reconnect_initial", &self.reconnect_initial)
+            .field("reconnect_max", &self.reconnect_max)
+            .field("retry_initial", &self.retry_initial)
+            .field("retry_max", &self.retry_max)
+            .field("dead_letter_after", &self.dead_letter_after)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("outbox_cache_bytes", &self.outbox_cache_bytes)
+            .field("config", &self.config)
+            .field(
+                "config_json",
+                &self
+                    .config_json
+                    .as_ref()
+                    .map(|_| "<consumer configuration>"),
+            )
+            .field("drain", &self.drain)
+            .field(
+                "relay_postgres",
+                &self.relay_postgres.as_deref().map(crate::relay::redact_pg),
+            )
+            .field("relay_table", &self.relay_table)
+            .field("relay_dead_table", &self.relay_dead_table)
+            .field("relay_order_by", &self.relay_order_by)
+            .field("relay_batch", &self.relay_batch)
+            .field("relay_wakeup", &self.relay_wakeup)
+            .field("relay_channel", &self.relay_channel)
+            .field("relay_poll_interval", &self.relay_poll_interval)
+            .field("relay_tls_ca_file", &self.relay_tls_ca_file)
+            .field("consumer", &self.consumer)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
 impl Config {
     /// Checks what clap cannot.
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -461,22 +533,52 @@ fn with_vhost(url: &str, vhost: &str) -> String {
     out
 }
 
-/// The broker URL with any password replaced, for logs and status.
+/// What stands for a password in logs, status and `Debug` output.
+pub const REDACTED: &str = "***";
+
+/// A URL (amqp://, amqps://, postgres://, ...) with its password replaced,
+/// for logs and status: the URL is parsed with the `url` crate and the
+/// password of its user info and any `password` query parameter are
+/// replaced. A URL that does not parse (a password with an unencoded `/`,
+/// `?` or `#`, for example) is not shown at all, nor is one whose path,
+/// query or fragment holds an `@` (a password's tail after an unencoded
+/// `/`).
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
+    let Ok(mut parsed) = url::Url::parse(url.trim()) else {
         return "<invalid url>".into();
     };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}{path}")
-        }
-        None => url.to_owned(),
+    if parsed.cannot_be_a_base() {
+        return "<invalid url>".into();
     }
+    let tail = [
+        parsed.path(),
+        parsed.query().unwrap_or_default(),
+        parsed.fragment().unwrap_or_default(),
+    ];
+    if tail.iter().any(|part| part.contains('@')) {
+        return format!("{}://{REDACTED}", parsed.scheme());
+    }
+    if parsed.password().is_some() && parsed.set_password(Some(REDACTED)).is_err() {
+        return format!("{}://{REDACTED}", parsed.scheme());
+    }
+    if parsed
+        .query_pairs()
+        .any(|(k, _)| k.eq_ignore_ascii_case("password"))
+    {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k.eq_ignore_ascii_case("password") {
+                    REDACTED.to_owned()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.into()
 }
 
 #[cfg(test)]

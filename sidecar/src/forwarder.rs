@@ -53,8 +53,8 @@ use crate::status::BrokerStatus;
 /// Settings of the forwarder.
 #[derive(Debug, Clone)]
 pub struct ForwarderConfig {
-    /// amqp:// or amqps:// URL, credentials included.
-    pub url: String,
+    /// amqp:// or amqps:// URL, credentials included (redacted in `Debug`).
+    pub url: secrecy::SecretString,
     /// PEM CA bundle for amqps://, if not the system roots.
     pub tls_ca_pem: Option<String>,
     /// Most unconfirmed messages at once.

@@ -142,7 +142,7 @@ pub async fn start_with(cfg: Config, store: Option<Arc<dyn Store>>) -> anyhow::R
     let forwarder = Forwarder::new(
         outbox.clone(),
         ForwarderConfig {
-            url: cfg.broker_url.clone(),
+            url: cfg.broker_url.clone().into(),
             tls_ca_pem: tls_ca_pem.clone(),
             window: cfg.confirm_window,
             confirm_timeout: cfg.confirm_timeout,
@@ -171,7 +171,7 @@ pub async fn start_with(cfg: Config, store: Option<Arc<dyn Store>>) -> anyhow::R
             let consumer = Consumer::new(
                 ConsumerSettings {
                     broker: BrokerSettings {
-                        url: cfg.broker_url.clone(),
+                        url: cfg.broker_url.clone().into(),
                         tls_ca_pem: tls_ca_pem.clone(),
                         heartbeat: cfg.heartbeat,
                         connect_timeout: cfg.connect_timeout,

@@ -719,3 +719,85 @@ async fn an_unroutable_copy_never_releases_its_original() {
         "originals acked without a copy: {missing:?}"
     );
 }
+
+/// A message published without a `message_id` (straight to the broker, not
+/// through the sidecar) reaches the app under one `X-Warren-Message-Id`
+/// however often it comes: handed back to the broker and redelivered (its
+/// parking copy had nowhere to go), then retried through a delay tier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_without_an_id_keeps_its_derived_id_across_redelivery_and_retry() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let deliveries = Arc::new(AtomicUsize::new(0));
+    let app = TestApp::start({
+        let deliveries = deliveries.clone();
+        move |_, _| match deliveries.fetch_add(1, Ordering::SeqCst) {
+            // Non-retryable: parked, but the parking lot is gone, so the
+            // original is handed back and redelivered.
+            0 => Reply::Status(422),
+            // Retryable: a copy goes through the delay tier.
+            1 => Reply::Status(503),
+            _ => Reply::Status(200),
+        }
+    })
+    .await;
+    let policy = policy(3, 200, 1.0, 200);
+    let f = setup(&policy, &app, Duration::from_secs(5)).await;
+    f.node
+        .delete_queue(&warren_crds::names::parking_lot(QUEUE))
+        .await
+        .unwrap();
+
+    let conn = Connection::connect(&f.node.amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert("tenant".into(), AMQPValue::LongString("acme".into()));
+    let confirm = ch
+        .basic_publish(
+            EXCHANGE.into(),
+            KEY.into(),
+            lapin::options::BasicPublishOptions::default(),
+            b"no id of its own",
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("text/plain".into())
+                .with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack(), "{confirm:?}");
+    let _ = conn.close(200, "done".into()).await;
+
+    wait_until(
+        Duration::from_secs(30),
+        "the message to succeed",
+        || async {
+            app.seen()
+                .iter()
+                .any(|s| matches!(s.reply, Reply::Status(200)))
+        },
+    )
+    .await;
+    let seen = app.seen();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(seen[1].redelivered, "the second delivery is a redelivery");
+    assert_eq!(seen[2].retries, 1, "the third delivery is the retry copy");
+    let id = &seen[0].id;
+    for s in &seen {
+        assert_eq!(&s.id, id, "every delivery carries the same message id");
+        assert_eq!(s.body.as_ref(), b"no id of its own");
+    }
+    assert_eq!(
+        uuid::Uuid::parse_str(id).map(|u| u.get_version_num()),
+        Ok(5),
+        "a derived id is a UUIDv5: {id}"
+    );
+    assert_nothing_left(&f).await;
+}

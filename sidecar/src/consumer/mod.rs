@@ -366,7 +366,12 @@ async fn process(
         }
     };
     let props = &delivery.properties;
-    let message_id = plan::message_id_of(props);
+    let message_id = plan::message_id_of(
+        props,
+        delivery.exchange.as_str(),
+        delivery.routing_key.as_str(),
+        &delivery.data,
+    );
     let retries = plan::retries_of(props);
     let (headers, skipped) = plan::app_headers(
         props,

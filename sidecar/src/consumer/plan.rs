@@ -475,16 +475,95 @@ pub fn excerpt(body: &[u8]) -> String {
     out
 }
 
-/// The delivery's message id; a delivery without one gets a fresh UUIDv7,
-/// which every copy keeps from then on.
-pub fn message_id_of(props: &BasicProperties) -> String {
+/// The delivery's message id. A delivery without one gets an id derived
+/// from the message itself ([`derived_message_id`]), so a redelivery of the
+/// same message reaches the app under the same id; its retry and parked
+/// copies carry that id as their `message_id`.
+pub fn message_id_of(
+    props: &BasicProperties,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+) -> String {
     props
         .message_id()
         .as_ref()
         .map(ShortString::as_str)
         .filter(|id| !id.is_empty())
-        .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned)
+        .map_or_else(
+            || derived_message_id(props, exchange, routing_key, body).to_string(),
+            str::to_owned,
+        )
 }
+
+/// Whether a header is added by the broker or by Warren on redelivery,
+/// retry and dead-lettering, and so is no part of the message's identity.
+fn added_on_retry(key: &str) -> bool {
+    // A quorum queue counts redeliveries in `x-delivery-count` (RabbitMQ
+    // 4 also in `x-acquired-count`).
+    key == "x-delivery-count"
+        || key == "x-acquired-count"
+        || key == "x-death"
+        || key.starts_with("x-first-death-")
+        || key.starts_with("x-last-death-")
+        || key.starts_with("x-warren-")
+        || key == RETRIES
+        || key == X_DELAY
+}
+
+/// A UUIDv5 over what the publisher sent: the exchange and routing key it
+/// was first published with (the `x-warren-original-*` headers, else the
+/// broker's `x-first-death-exchange`, else the delivery's own), the
+/// properties a copy keeps (content type and encoding, priority,
+/// correlation id, reply-to, timestamp, type, app id), the headers except
+/// those added on redelivery, retry and dead-lettering, and the body. The same message
+/// always gets the same id; one differing in any of these gets another.
+pub fn derived_message_id(
+    props: &BasicProperties,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+) -> uuid::Uuid {
+    let headers = props.headers().as_ref().map(FieldTable::inner);
+    let header_text = |key: &str| match headers.and_then(|h| h.get(key)) {
+        Some(v @ (AMQPValue::LongString(_) | AMQPValue::ShortString(_))) => Some(header_text(v)),
+        _ => None,
+    };
+    let exchange = header_text(ORIGINAL_EXCHANGE)
+        .or_else(|| header_text("x-first-death-exchange"))
+        .unwrap_or_else(|| exchange.to_owned());
+    let routing_key = header_text(ORIGINAL_ROUTING_KEY).unwrap_or_else(|| routing_key.to_owned());
+    let mut identity = serde_json::Map::new();
+    let mut put = |k: &str, v: serde_json::Value| {
+        identity.insert(k.to_owned(), v);
+    };
+    put("exchange", exchange.into());
+    put("routing_key", routing_key.into());
+    let text = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().to_owned()).into();
+    put("content_type", text(props.content_type()));
+    put("content_encoding", text(props.content_encoding()));
+    put("priority", (*props.priority()).into());
+    put("correlation_id", text(props.correlation_id()));
+    put("reply_to", text(props.reply_to()));
+    put("timestamp", (*props.timestamp()).into());
+    put("type", text(props.kind()));
+    put("app_id", text(props.app_id()));
+    let kept: serde_json::Map<String, serde_json::Value> = headers
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| !added_on_retry(k.as_str()))
+        .map(|(k, v)| (k.as_str().to_owned(), to_json(v)))
+        .collect();
+    put("headers", kept.into());
+    // serde_json's map is ordered by key, so the text is canonical.
+    let mut name = serde_json::Value::Object(identity).to_string().into_bytes();
+    name.push(0);
+    name.extend_from_slice(body);
+    uuid::Uuid::new_v5(&MESSAGE_ID_NAMESPACE, &name)
+}
+
+/// The UUIDv5 namespace of derived message ids.
+const MESSAGE_ID_NAMESPACE: uuid::Uuid = uuid::uuid!("6f1d1f0e-6a43-5b0e-9d0a-7761727265e6");
 
 #[cfg(test)]
 mod tests {
@@ -802,6 +881,84 @@ mod tests {
         assert_eq!(excerpt(b"out of stock\r\n"), "out of stock");
         assert_eq!(excerpt(&[b'x'; 10_000]).len(), REASON_LIMIT);
         assert_eq!(excerpt(b"a\nb"), "a b");
+    }
+
+    #[test]
+    fn messages_without_an_id_get_one_derived_from_the_message() {
+        // As the publisher sent it: no message id, one header of its own.
+        let mut h = FieldTable::default();
+        h.insert("tenant".into(), AMQPValue::LongString("acme".into()));
+        let sent = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_correlation_id("c-1".into())
+            .with_headers(h);
+        let id =
+            |p: &BasicProperties, ex: &str, rk: &str, body: &[u8]| message_id_of(p, ex, rk, body);
+        let first = id(&sent, "shop", "created", b"{}");
+        assert_eq!(
+            uuid::Uuid::parse_str(&first).unwrap().get_version_num(),
+            5,
+            "{first}"
+        );
+        // The same message, delivered again: the same id.
+        assert_eq!(id(&sent, "shop", "created", b"{}"), first);
+        // Any difference in what the publisher sent: another id.
+        assert_ne!(id(&sent, "shop", "created", b"{ }"), first);
+        assert_ne!(id(&sent, "shop", "updated", b"{}"), first);
+        assert_ne!(id(&sent, "other", "created", b"{}"), first);
+        let mut h = FieldTable::default();
+        h.insert("tenant".into(), AMQPValue::LongString("globex".into()));
+        assert_ne!(
+            id(&sent.clone().with_headers(h), "shop", "created", b"{}"),
+            first
+        );
+        assert_ne!(
+            id(&sent.clone().with_priority(3), "shop", "created", b"{}"),
+            first
+        );
+        // What the broker and Warren add on redelivery, retry and
+        // dead-lettering (x-delivery-count, x-death, x-first-death-*,
+        // x-retries, x-warren-*, the dead-letter
+        // route) and what a copy drops (expiration, user id) change nothing.
+        let mut dead_lettered = delivered_twice();
+        let mut h = dead_lettered.headers().clone().unwrap();
+        h.insert("x-delivery-count".into(), AMQPValue::LongLongInt(2));
+        dead_lettered = dead_lettered.with_headers(h);
+        assert_eq!(
+            derived_message_id(&dead_lettered, "orders.retry", "1s", b"{}").to_string(),
+            first
+        );
+        let copy = copy_properties(
+            Original {
+                properties: &dead_lettered,
+                exchange: "orders.retry",
+                routing_key: "1s",
+                message_id: &first,
+            },
+            &Failure::now(1, &answered(503)),
+            Copy::Park {
+                reason: ParkReason::RetriesExhausted,
+                queue: "orders",
+            },
+        );
+        assert_eq!(
+            derived_message_id(&copy, "", "orders.parked", b"{}").to_string(),
+            first
+        );
+        // A message id the publisher set wins.
+        assert_eq!(
+            id(
+                &sent.clone().with_message_id("m-7".into()),
+                "shop",
+                "created",
+                b"{}"
+            ),
+            "m-7"
+        );
+        assert_eq!(
+            id(&sent.with_message_id("".into()), "shop", "created", b"{}"),
+            first
+        );
     }
 
     #[test]

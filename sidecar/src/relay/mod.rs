@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_postgres::error::SqlState;
@@ -63,7 +64,7 @@ pub enum Wakeup {
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
     /// Connection string (URL or key=value); holds credentials, never logged.
-    pub url: String,
+    pub url: SecretString,
     /// The table as configured, for reports.
     pub table: String,
     /// The dead-letter table as configured, for reports.
@@ -108,7 +109,7 @@ impl RelaySettings {
             .map(|k| quote_column("--relay-order-by", k))
             .transpose()?;
         Ok(Self {
-            url: url.to_owned(),
+            url: url.into(),
             table: table.to_owned(),
             dead_table,
             order_by: order_by.map(str::to_owned),
@@ -299,7 +300,7 @@ impl RelayStatus {
         Self {
             inner: Arc::new(Mutex::new(RelaySnapshot {
                 state: RelayState::Connecting,
-                database: redact_pg(&s.url),
+                database: redact_pg(s.url.expose_secret()),
                 table: s.table.clone(),
                 dead_table: s.dead_table.clone(),
                 order_by: s.order_by.clone(),
@@ -328,19 +329,98 @@ impl RelayStatus {
     }
 }
 
-/// The connection string without its password: URL userinfo and libpq
-/// `password=` values are masked.
-pub fn redact_pg(url: &str) -> String {
-    if url.contains("://") {
-        return crate::config::redact_url(url);
+/// The connection string without its password. A URL is parsed with the
+/// `url` crate ([`crate::config::redact_url`]); one it cannot parse (several
+/// `host:port`s) is parsed by the PostgreSQL client and shown as user,
+/// hosts and database only. A libpq key=value string is read by libpq's
+/// rules (values in single quotes, backslash escapes) and its `password`
+/// value replaced; one that cannot be read is not shown.
+pub fn redact_pg(conn: &str) -> String {
+    use crate::config::{REDACTED, redact_url};
+    let conn = conn.trim();
+    if conn.contains("://") {
+        let redacted = redact_url(conn);
+        if !redacted.starts_with('<') {
+            return redacted;
+        }
+        return match conn.parse::<tokio_postgres::Config>() {
+            Ok(c) => {
+                let hosts: Vec<String> = c
+                    .get_hosts()
+                    .iter()
+                    .zip(c.get_ports().iter().chain(std::iter::repeat(&5432)))
+                    .map(|(h, p)| match h {
+                        tokio_postgres::config::Host::Tcp(h) => format!("{h}:{p}"),
+                        #[cfg(unix)]
+                        tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+                    })
+                    .collect();
+                let user = c.get_user().map(|u| format!("{u}@")).unwrap_or_default();
+                let db = c.get_dbname().unwrap_or_default();
+                format!("postgres://{user}{}/{db}", hosts.join(","))
+            }
+            Err(_) => redacted,
+        };
     }
-    url.split_whitespace()
-        .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-            _ => kv.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    match libpq_pairs(conn) {
+        Some(pairs) => pairs
+            .into_iter()
+            .map(|(k, v)| {
+                if k.eq_ignore_ascii_case("password") {
+                    format!("{k}={REDACTED}")
+                } else if !v.is_empty()
+                    && !v.contains(|c: char| c.is_whitespace() || c == '\'' || c == '\\')
+                {
+                    format!("{k}={v}")
+                } else {
+                    format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        None => "<invalid connection string>".into(),
+    }
+}
+
+/// The `key=value` pairs of a libpq connection string: values bare up to
+/// white space, or in single quotes with `\'` and `\\` escapes.
+fn libpq_pairs(conn: &str) -> Option<Vec<(String, String)>> {
+    let mut pairs = Vec::new();
+    let mut chars = conn.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            return Some(pairs);
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next() != Some('=') || key.is_empty() {
+            return None;
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next()? {
+                    '\'' => break,
+                    '\\' => value.push(chars.next()?),
+                    c => value.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    value.push(chars.next()?);
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        pairs.push((key, value));
+    }
 }
 
 /// The relay task.
@@ -391,7 +471,7 @@ impl Relay {
     pub async fn run(self, stop: CancellationToken) {
         let mut delay = self.settings.reconnect_initial;
         tracing::info!(
-            database = %redact_pg(&self.settings.url),
+            database = %redact_pg(self.settings.url.expose_secret()),
             table = %self.settings.table,
             order_by = ?self.settings.order_by,
             wakeup = ?self.settings.wakeup,
@@ -471,13 +551,14 @@ impl Relay {
     }
 
     async fn connect(&self) -> Result<Connected, RelayError> {
-        let mut config: tokio_postgres::Config =
-            self.settings
-                .url
-                .parse()
-                .map_err(|e: tokio_postgres::Error| {
-                    RelayError::Query(format!("invalid --relay-postgres: {}", pg_text(&e)))
-                })?;
+        let mut config: tokio_postgres::Config = self
+            .settings
+            .url
+            .expose_secret()
+            .parse()
+            .map_err(|e: tokio_postgres::Error| {
+                RelayError::Query(format!("invalid --relay-postgres: {}", pg_text(&e)))
+            })?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
