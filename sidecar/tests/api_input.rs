@@ -266,14 +266,7 @@ async fn bad_requests_get_json_errors_and_store_nothing() {
         "a refused request stored something"
     );
     assert_eq!(outbox_report(&api).await["pending"], 0);
-    let metrics = http
-        .get(format!("http://{}/metrics", running.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&format!("http://{}", running.admin_addr)).await;
     assert!(
         metrics.contains("warren_sidecar_publish_rejected_total{reason=\"invalid\"}"),
         "{metrics}"
@@ -392,14 +385,7 @@ async fn good_requests_are_stored_exactly() {
     assert_eq!(report["accepting"], true);
     assert!(report["pending_bytes"].as_u64().unwrap() > 0);
     assert!(first_seq >= 1);
-    let metrics = http
-        .get(format!("http://{}/metrics", running.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&format!("http://{}", running.admin_addr)).await;
     assert!(
         metrics.contains("warren_sidecar_publish_accepted_total 5"),
         "{metrics}"

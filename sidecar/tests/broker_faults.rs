@@ -198,14 +198,7 @@ async fn buffers_while_broker_is_down_from_the_start() {
         200,
         "a broker outage must not make the sidecar unready"
     );
-    let metrics = client()
-        .get(format!("http://{}/metrics", running.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&format!("http://{}", running.admin_addr)).await;
     assert!(
         metrics.contains("warren_sidecar_broker_connected 0"),
         "{metrics}"
@@ -429,21 +422,13 @@ async fn refused_messages_are_dead_lettered_locally_while_others_flow() {
         },
     )
     .await;
-    let dead: serde_json::Value = http
-        .get(format!("{api}/v1/outbox/dead"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let entries = dead["messages"].as_array().unwrap();
+    let entries = dead_letters(&api).await;
     assert_eq!(entries.len(), 2);
     let by_id = |id: &str| {
         entries
             .iter()
             .find(|e| e["id"] == id)
-            .unwrap_or_else(|| panic!("{id} in {dead}"))
+            .unwrap_or_else(|| panic!("{id} in {entries:?}"))
             .clone()
     };
     let bad = by_id("bad-exchange");
@@ -463,14 +448,7 @@ async fn refused_messages_are_dead_lettered_locally_while_others_flow() {
         unroutable["reason"].as_str().unwrap().contains("NO_ROUTE"),
         "{unroutable}"
     );
-    let metrics = http
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&admin).await;
     assert!(
         metrics.contains("warren_sidecar_dead_lettered_total 2"),
         "{metrics}"
@@ -604,14 +582,7 @@ async fn tls_with_a_custom_ca_and_clear_connection_errors() {
         !r["broker"]["url"].as_str().unwrap().contains("wrong"),
         "the password never reaches the status: {r}"
     );
-    let metrics = client()
-        .get(format!("http://{}/metrics", running.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&format!("http://{}", running.admin_addr)).await;
     assert!(
         metrics.contains("warren_sidecar_broker_connection_attempts_total{result=\"failed\"}"),
         "{metrics}"
@@ -635,7 +606,6 @@ async fn returns_are_matched_to_their_messages_when_confirms_cover_several() {
     cfg.dead_letter_after = Duration::from_secs(2);
     let running = warren_sidecar::start(cfg).await.unwrap();
     let api = format!("http://{}", running.api_addr);
-    let http = client();
     let account = Account::new();
 
     // Batches keep hundreds of messages in flight at once, one in four of
@@ -658,13 +628,7 @@ async fn returns_are_matched_to_their_messages_when_confirms_cover_several() {
                 })
             })
             .collect();
-        let resp = http
-            .post(format!("{api}/v1/batch"))
-            .json(&serde_json::json!({ "messages": messages }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 202);
+        assert_eq!(post_batch(&api, &messages).await.status(), 202);
         for m in &messages {
             let id = m["message_id"].as_str().unwrap().to_owned();
             if m["routing_key"] == KEY {
@@ -687,17 +651,8 @@ async fn returns_are_matched_to_their_messages_when_confirms_cover_several() {
     .await;
     let r = outbox_report(&api).await;
     assert_eq!(r["dead_lettered"], 250, "{r}");
-    let dead: serde_json::Value = http
-        .get(format!("{api}/v1/outbox/dead?limit=1000"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let dead_ids: std::collections::BTreeSet<String> = dead["messages"]
-        .as_array()
-        .unwrap()
+    let entries = dead_letters(&api).await;
+    let dead_ids: std::collections::BTreeSet<String> = entries
         .iter()
         .map(|e| e["id"].as_str().unwrap().to_owned())
         .collect();
@@ -736,7 +691,6 @@ async fn a_closed_channel_charges_only_its_own_exchange() {
     cfg.dead_letter_after = Duration::ZERO;
     let running = warren_sidecar::start(cfg).await.unwrap();
     let api = format!("http://{}", running.api_addr);
-    let http = client();
     let account = Account::new();
 
     // Batches keep many messages in flight; one in ten goes to `big` with a
@@ -765,13 +719,7 @@ async fn a_closed_channel_charges_only_its_own_exchange() {
                 }
             })
             .collect();
-        let resp = http
-            .post(format!("{api}/v1/batch"))
-            .json(&serde_json::json!({ "messages": messages }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 202);
+        assert_eq!(post_batch(&api, &messages).await.status(), 202);
         for m in &messages {
             let id = m["message_id"].as_str().unwrap().to_owned();
             if m["exchange"] == "big" {
@@ -788,15 +736,7 @@ async fn a_closed_channel_charges_only_its_own_exchange() {
         || async { outbox_report(&api).await["pending"] == 0 },
     )
     .await;
-    let dead: serde_json::Value = http
-        .get(format!("{api}/v1/outbox/dead?limit=1000"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let entries = dead["messages"].as_array().unwrap();
+    let entries = dead_letters(&api).await;
     let charged: Vec<&str> = entries
         .iter()
         .map(|e| e["id"].as_str().unwrap())

@@ -182,14 +182,7 @@ async fn assert_nothing_left(f: &Fixture) {
 }
 
 async fn metrics(f: &Fixture) -> String {
-    client()
-        .get(format!("http://{}/metrics", f.sidecar.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    metrics_text(&format!("http://{}", f.sidecar.admin_addr)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -466,14 +459,7 @@ async fn deliveries_never_wait_past_the_consumer_timeout_budget() {
         || async { app.successes().len() == messages.len() },
     )
     .await;
-    let metrics = client()
-        .get(format!("http://{}/metrics", sidecar.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&format!("http://{}", sidecar.admin_addr)).await;
     let requeued: u64 = metrics
         .lines()
         .find(|l| {

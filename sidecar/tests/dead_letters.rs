@@ -37,31 +37,11 @@ fn ids(prefix: &str, n: usize) -> Vec<String> {
 
 /// The dead-letter area as `id -> entry`.
 async fn dead_by_id(api: &str) -> BTreeMap<String, Value> {
-    let dead: Value = client()
-        .get(format!("{api}/v1/outbox/dead?limit=1000"))
-        .send()
+    dead_letters(api)
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    dead["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| (e["id"].as_str().unwrap().to_owned(), e.clone()))
+        .into_iter()
+        .map(|e| (e["id"].as_str().unwrap().to_owned(), e))
         .collect()
-}
-
-async fn metrics_text(admin: &str) -> String {
-    client()
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 /// Asserts the outbox report and the gauges agree on `dead` dead-lettered

@@ -261,14 +261,7 @@ async fn committed_rows_arrive_and_rolled_back_rows_never_do() {
     assert_eq!(r["state"], "connected");
     assert!(r["relayed"].as_u64().unwrap() >= 400, "{r}");
     assert_eq!(r["dead_lettered"], 0);
-    let metrics = common::client()
-        .get(format!("http://{}/metrics", sidecar.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics_text(&format!("http://{}", sidecar.admin_addr)).await;
     assert!(
         metrics.contains("warren_sidecar_relay_relayed_total"),
         "{metrics}"
@@ -499,14 +492,7 @@ async fn database_outages_and_wrong_credentials_are_reported_and_retried() {
         .await;
     let _ = consume_all(&node.amqp_url(), QUEUE, &account, Duration::from_secs(30)).await;
     account.assert_no_loss();
-    let metrics = common::client()
-        .get(format!("http://{}/metrics", sidecar.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics_text(&format!("http://{}", sidecar.admin_addr)).await;
     assert!(
         metrics.contains("warren_sidecar_relay_errors_total{kind=\"connect\"}"),
         "{metrics}"

@@ -63,7 +63,6 @@ impl Drop for Volume {
 /// answering 202; returns the last answer's status and JSON body, and how
 /// many were accepted.
 async fn fill(api: &str, body_bytes: usize) -> (u16, serde_json::Value, u64) {
-    let http = client();
     let mut accepted = 0u64;
     for b in 0.. {
         let messages: Vec<serde_json::Value> = (0..100)
@@ -76,12 +75,7 @@ async fn fill(api: &str, body_bytes: usize) -> (u16, serde_json::Value, u64) {
                 })
             })
             .collect();
-        let resp = http
-            .post(format!("{api}/v1/batch"))
-            .json(&serde_json::json!({ "messages": messages }))
-            .send()
-            .await
-            .unwrap();
+        let resp = post_batch(api, &messages).await;
         let status = resp.status().as_u16();
         if status != 202 {
             return (status, resp.json().await.unwrap_or_default(), accepted);

@@ -86,6 +86,41 @@ pub async fn outbox_report(api: &str) -> serde_json::Value {
         .expect("outbox report is JSON")
 }
 
+/// `POST /v1/batch` with `messages` (each a JSON batch entry).
+pub async fn post_batch(api: &str, messages: &[serde_json::Value]) -> reqwest::Response {
+    client()
+        .post(format!("{api}/v1/batch"))
+        .json(&serde_json::json!({ "messages": messages }))
+        .send()
+        .await
+        .expect("POST /v1/batch")
+}
+
+/// The entries of the dead-letter area (`GET /v1/outbox/dead`), up to 1000.
+pub async fn dead_letters(api: &str) -> Vec<serde_json::Value> {
+    let dead: serde_json::Value = client()
+        .get(format!("{api}/v1/outbox/dead?limit=1000"))
+        .send()
+        .await
+        .expect("GET /v1/outbox/dead")
+        .json()
+        .await
+        .expect("dead-letter list is JSON");
+    dead["messages"].as_array().expect("messages").clone()
+}
+
+/// The text of `GET /metrics` on the admin address.
+pub async fn metrics_text(admin: &str) -> String {
+    client()
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
 /// Polls `f` until it returns true or `timeout` passes.
 pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut f: F)
 where
