@@ -166,6 +166,8 @@ pub struct RabbitNode {
     child: Option<Child>,
     /// OS pid of the running beam process, from the pid file.
     pid: Option<u32>,
+    /// The Erlang cookie; the same for every node of a cluster.
+    cookie: String,
 }
 
 impl fmt::Debug for RabbitNode {
@@ -177,6 +179,14 @@ impl fmt::Debug for RabbitNode {
             .field("dir", &self.dir.as_ref().map(|d| d.path().to_path_buf()))
             .finish()
     }
+}
+
+/// A random Erlang cookie.
+pub(crate) fn new_cookie() -> String {
+    let mut rng = rand::rng();
+    (0..32)
+        .map(|_| char::from(rng.random_range(b'A'..=b'Z')))
+        .collect()
 }
 
 fn bin_dir() -> PathBuf {
@@ -197,7 +207,14 @@ impl RabbitNode {
     /// A start that fails because a port was taken in the meantime is retried
     /// on fresh ports. Errors carry the tail of the node's logs.
     pub fn start_with(options: NodeOptions) -> anyhow::Result<RabbitNode> {
-        RabbitNode::start_inner(options, false)
+        RabbitNode::start_inner(options, false, "")
+    }
+
+    /// Start a node with default options and `extra` added to its
+    /// `rabbitmq.conf` (sysctl format, e.g. `max_message_size = 8192`):
+    /// settings a running node only reads at boot.
+    pub fn start_with_config(extra: &str) -> anyhow::Result<RabbitNode> {
+        RabbitNode::start_inner(NodeOptions::default(), false, extra)
     }
 
     /// Start a node that serves AMQPS (as with `tls`) and the management
@@ -212,10 +229,15 @@ impl RabbitNode {
                 management: true,
             },
             true,
+            "",
         )
     }
 
-    fn start_inner(options: NodeOptions, management_tls: bool) -> anyhow::Result<RabbitNode> {
+    fn start_inner(
+        options: NodeOptions,
+        management_tls: bool,
+        extra_config: &str,
+    ) -> anyhow::Result<RabbitNode> {
         let server = bin_dir().join("rabbitmq-server");
         if !server.exists() {
             bail!(
@@ -226,7 +248,11 @@ impl RabbitNode {
         }
         let mut last_err = None;
         for attempt in 1..=START_ATTEMPTS {
-            let mut node = RabbitNode::prepare(options, management_tls)?;
+            let mut node = RabbitNode::prepare(options, management_tls, None)?;
+            if !extra_config.is_empty() {
+                fs::write(node.dir().join("conf.d/50-test.conf"), extra_config)
+                    .context("writing the extra config")?;
+            }
             match node.boot() {
                 Ok(()) => {
                     tracing::info!(node = %node.name, amqp_port = node.amqp_port(), pid = ?node.pid, "rabbitmq node started");
@@ -243,8 +269,13 @@ impl RabbitNode {
         Err(last_err.unwrap_or_else(|| anyhow!("node did not start")))
     }
 
-    /// Create the temp dir, config files and cookie for a new node.
-    fn prepare(options: NodeOptions, management_tls: bool) -> anyhow::Result<RabbitNode> {
+    /// Create the temp dir, config files and cookie (a fresh one unless
+    /// given: nodes of one cluster share theirs) for a new node.
+    pub(crate) fn prepare(
+        options: NodeOptions,
+        management_tls: bool,
+        cookie: Option<&str>,
+    ) -> anyhow::Result<RabbitNode> {
         let suffix: u32 = rand::rng().random_range(0..0x10000);
         let name = format!(
             "warren-test-{}-{}-{:04x}@localhost",
@@ -272,6 +303,7 @@ impl RabbitNode {
             management_tls,
             child: None,
             pid: None,
+            cookie: cookie.map_or_else(new_cookie, str::to_owned),
         };
         node.write_files()?;
         Ok(node)
@@ -305,12 +337,7 @@ impl RabbitNode {
             fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {sub}"))?;
         }
         // Erlang refuses a cookie file readable by others.
-        let cookie: String = {
-            let mut rng = rand::rng();
-            (0..32)
-                .map(|_| char::from(rng.random_range(b'A'..=b'Z')))
-                .collect()
-        };
+        let cookie = &self.cookie;
         let mut f = OpenOptions::new()
             .create(true)
             .truncate(true)
@@ -470,7 +497,7 @@ impl RabbitNode {
 
     /// Spawn the server and wait until `rabbitmqctl wait` says the broker and
     /// its plugins run. On error the node is left not running.
-    fn boot(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn boot(&mut self) -> anyhow::Result<()> {
         debug_assert!(self.child.is_none());
         let _ = fs::remove_file(self.pid_file()); // a stale pid file would fool `wait`
         let mut console = OpenOptions::new()
@@ -759,6 +786,11 @@ impl RabbitNode {
     pub fn memory_alarm_active(&self) -> anyhow::Result<bool> {
         let alarms = self.ctl(&["eval", "rabbit_alarm:get_alarms()."])?;
         Ok(alarms.contains("memory"))
+    }
+
+    /// The broker's version, e.g. `4.0.5` (asks `rabbitmqctl`).
+    pub fn version(&self) -> anyhow::Result<String> {
+        Ok(self.ctl(&["version"])?.trim().to_owned())
     }
 
     /// The Erlang node name, e.g. for `rabbitmqctl -n`.
