@@ -33,8 +33,10 @@ pub enum LogFormat {
 #[derive(Clone, Parser)]
 #[command(name = "warren-sidecar", version, about)]
 pub struct Config {
-    /// Broker URL, amqp:// or amqps:// (credentials may be embedded).
-    /// Without it the URL comes from `--broker-uri`, else
+    /// Broker URL, amqp:// or amqps:// (credentials may be embedded). For a
+    /// cluster, several URLs separated by commas, or one URL with several
+    /// hosts (`amqp://u:p@rabbit-0,rabbit-1,rabbit-2/vhost`): they are tried
+    /// in turn. Without it the URL comes from `--broker-uri`, else
     /// `--broker-connection-string`, else `--broker-host` and its fellows
     /// (the keys of a RabbitMQ Cluster Operator Secret).
     #[arg(
@@ -276,7 +278,10 @@ pub struct Config {
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
-            .field("broker_url", &redact_url(&self.broker_url))
+            .field(
+                "broker_url",
+                &crate::broker::redact_setting(&self.broker_url),
+            )
             .field("broker_uri", &self.broker_uri.as_deref().map(redact_url))
             .field(
                 "broker_connection_string",
@@ -350,11 +355,8 @@ impl Config {
             "no broker: give --broker-url (WARREN_BROKER_URL), --broker-uri, \
              --broker-connection-string or --broker-host"
         );
-        let scheme = self.broker_url.split("://").next().unwrap_or_default();
-        anyhow::ensure!(
-            matches!(scheme, "amqp" | "amqps") && self.broker_url.contains("://"),
-            "--broker-url must start with amqp:// or amqps://"
-        );
+        crate::broker::parse_urls(&self.broker_url)
+            .map_err(|e| anyhow::anyhow!("--broker-url: {e}"))?;
         anyhow::ensure!(
             self.confirm_window > 0,
             "--confirm-window must be at least 1"
@@ -449,12 +451,32 @@ impl Config {
                 (Some(user), None) => format!("{}@", encode_component(user)),
                 (None, _) => String::new(),
             };
-            format!("{scheme}://{userinfo}{host}:{port}")
+            // Several hosts (a cluster's nodes) each get the port.
+            let hosts: Vec<String> = host
+                .split(',')
+                .map(str::trim)
+                .map(|h| {
+                    if h.contains(':') && !h.ends_with(']') {
+                        h.to_owned()
+                    } else {
+                        format!("{h}:{port}")
+                    }
+                })
+                .collect();
+            format!("{scheme}://{userinfo}{}", hosts.join(","))
         } else {
             return Ok(());
         };
         if let Some(vhost) = &self.broker_vhost {
-            url = with_vhost(&url, vhost);
+            url = match crate::broker::parse_urls(&url) {
+                Ok(urls) => urls
+                    .iter()
+                    .map(|u| with_vhost(u, vhost))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                // `validate` says what is wrong with it.
+                Err(_) => with_vhost(&url, vhost),
+            };
         }
         self.broker_url = url;
         Ok(())

@@ -45,7 +45,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{self, BrokerSettings, ConnectError, backoff, describe, jittered};
+use warren_crds::backoff::Backoff;
+
+use crate::broker::{self, BrokerSettings, ConnectError, Connected, Link, describe};
 use crate::metrics::{ConnLabels, ConnResult, FailReason, Metrics};
 use crate::outbox::{Outbox, OutboxError, PendingEntry, StoreError};
 use crate::status::BrokerStatus;
@@ -53,24 +55,14 @@ use crate::status::BrokerStatus;
 /// Settings of the forwarder.
 #[derive(Debug, Clone)]
 pub struct ForwarderConfig {
-    /// amqp:// or amqps:// URL, credentials included (redacted in `Debug`).
-    pub url: secrecy::SecretString,
-    /// PEM CA bundle for amqps://, if not the system roots.
-    pub tls_ca_pem: Option<String>,
+    /// The broker's addresses, connection settings and reconnect backoff.
+    pub broker: BrokerSettings,
     /// Most unconfirmed messages at once.
     pub window: usize,
     /// No confirm for this long while some are outstanding: connection dead.
     pub confirm_timeout: Duration,
-    /// AMQP heartbeat interval.
-    pub heartbeat: Duration,
-    /// Deadline for establishing a connection.
-    pub connect_timeout: Duration,
-    /// Reconnect backoff bounds.
-    pub reconnect_initial: Duration,
-    pub reconnect_max: Duration,
-    /// Backoff bounds for resending a refused message.
-    pub retry_initial: Duration,
-    pub retry_max: Duration,
+    /// Backoff for resending a refused message.
+    pub retry: Backoff,
     /// Refused for this long: move to the dead-letter area.
     pub dead_letter_after: Duration,
 }
@@ -173,87 +165,13 @@ impl Forwarder {
     /// Forwards until `stop` is cancelled, reconnecting as needed. Messages
     /// in flight when it stops stay in the outbox.
     pub async fn run(mut self, stop: CancellationToken) {
-        let mut attempt: u32 = 0;
-        while !stop.is_cancelled() {
-            self.status.connecting();
-            let result = tokio::select! {
-                r = self.connect() => r,
-                _ = stop.cancelled() => break,
-            };
-            match result {
-                Ok(conn) => {
-                    attempt = 0;
-                    self.metrics
-                        .connections
-                        .get_or_create(&ConnLabels {
-                            result: ConnResult::Connected,
-                        })
-                        .inc();
-                    self.status.connected();
-                    tracing::info!(broker = %self.status.snapshot().url, "connected to broker");
-                    // Every await of a session may hang while the broker
-                    // blocks the connection (it stops reading the socket, so
-                    // a publish never finishes writing): stopping must not
-                    // wait for any of them. What was not confirmed stays in
-                    // the outbox.
-                    let end = tokio::select! {
-                        r = self.session(&conn, &stop) => r,
-                        _ = stop.cancelled() => Ok(()),
-                    };
-                    if let Err(e) = self.flush_done() {
-                        tracing::error!(error = %e, "cannot remove confirmed messages from the outbox");
-                    }
-                    self.metrics.inflight.set(0);
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(1),
-                        conn.close(200, "warren-sidecar closing".into()),
-                    )
-                    .await;
-                    match end {
-                        Ok(()) => break,
-                        Err(e) => {
-                            self.metrics.connection_losses.inc();
-                            tracing::warn!(error = %e, "forwarding session ended; reconnecting");
-                            self.status.disconnected(e.to_string());
-                        }
-                    }
-                }
-                Err(e) => {
-                    self.metrics
-                        .connections
-                        .get_or_create(&ConnLabels {
-                            result: ConnResult::Failed,
-                        })
-                        .inc();
-                    tracing::warn!(error = %e, attempt, "broker connection failed");
-                    self.status.disconnected(e.to_string());
-                }
-            }
-            let delay = jittered(backoff(
-                self.cfg.reconnect_initial,
-                self.cfg.reconnect_max,
-                attempt,
-            ));
-            attempt = attempt.saturating_add(1);
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = stop.cancelled() => break,
-            }
-        }
+        let broker = self.cfg.broker.clone();
+        broker::stay_connected(&broker, &mut self, &stop).await;
         self.status.stopped();
     }
 
-    async fn connect(&self) -> Result<Connection, ForwardError> {
-        let settings = BrokerSettings {
-            url: self.cfg.url.clone(),
-            tls_ca_pem: self.cfg.tls_ca_pem.clone(),
-            heartbeat: self.cfg.heartbeat,
-            connect_timeout: self.cfg.connect_timeout,
-        };
-        Ok(broker::connect(&settings, "warren-sidecar").await?)
-    }
-
-    async fn session(
+    /// Forwards over one connection until it fails or `stop` is cancelled.
+    async fn forward(
         &mut self,
         conn: &Connection,
         stop: &CancellationToken,
@@ -592,12 +510,7 @@ impl Forwarder {
             }
             return Ok(());
         }
-        st.next_try = now
-            + jittered(backoff(
-                self.cfg.retry_initial,
-                self.cfg.retry_max,
-                st.attempts - 1,
-            ));
+        st.next_try = now + broker::delay(&self.cfg.retry, st.attempts - 1);
         tracing::debug!(seq, attempts = st.attempts, %reason, "message refused; will retry");
         self.due.insert((st.next_try, seq));
         Ok(())
@@ -797,6 +710,63 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// The forwarder's side of the shared reconnect loop.
+impl Link for Forwarder {
+    const NAME: &'static str = "warren-sidecar";
+
+    fn connecting(&mut self) {
+        self.status.connecting();
+    }
+
+    fn connected(&mut self, broker: &Connected) {
+        self.metrics
+            .connections
+            .get_or_create(&ConnLabels {
+                result: ConnResult::Connected,
+            })
+            .inc();
+        self.status.connected(&broker.url);
+        tracing::info!(broker = %broker.url, "connected to broker");
+    }
+
+    async fn session(
+        &mut self,
+        broker: &Connected,
+        stop: &CancellationToken,
+    ) -> Result<(), String> {
+        // Every await of a session may hang while the broker blocks the
+        // connection (it stops reading the socket, so a publish never
+        // finishes writing): stopping must not wait for any of them. What
+        // was not confirmed stays in the outbox.
+        let end = tokio::select! {
+            r = self.forward(&broker.conn, stop) => r,
+            _ = stop.cancelled() => Ok(()),
+        };
+        if let Err(e) = self.flush_done() {
+            tracing::error!(error = %e, "cannot remove confirmed messages from the outbox");
+        }
+        self.metrics.inflight.set(0);
+        end.map_err(|e| e.to_string())
+    }
+
+    fn unreachable(&mut self, error: &ConnectError, attempt: u32) {
+        self.metrics
+            .connections
+            .get_or_create(&ConnLabels {
+                result: ConnResult::Failed,
+            })
+            .inc();
+        tracing::warn!(%error, attempt, "broker connection failed");
+        self.status.disconnected(error.to_string());
+    }
+
+    fn lost(&mut self, broker: &Connected, error: &str) {
+        self.metrics.connection_losses.inc();
+        tracing::warn!(broker = %broker.url, %error, "forwarding session ended; reconnecting");
+        self.status.disconnected(error.to_owned());
     }
 }
 

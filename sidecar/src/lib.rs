@@ -138,20 +138,26 @@ pub async fn start_with(cfg: Config, store: Option<Arc<dyn Store>>) -> anyhow::R
         None => None,
     };
     let consumer_config = cfg.consumer_config()?;
-    let status = BrokerStatus::new(redact_url(&cfg.broker_url), metrics.clone());
+    let urls =
+        broker::parse_urls(&cfg.broker_url).map_err(|e| anyhow::anyhow!("--broker-url: {e}"))?;
+    let status = BrokerStatus::new(
+        urls.iter().map(|u| redact_url(u)).collect(),
+        metrics.clone(),
+    );
+    let broker_settings = BrokerSettings {
+        urls: urls.into_iter().map(Into::into).collect(),
+        tls_ca_pem,
+        heartbeat: cfg.heartbeat,
+        connect_timeout: cfg.connect_timeout,
+        reconnect: broker::schedule(cfg.reconnect_initial, cfg.reconnect_max),
+    };
     let forwarder = Forwarder::new(
         outbox.clone(),
         ForwarderConfig {
-            url: cfg.broker_url.clone().into(),
-            tls_ca_pem: tls_ca_pem.clone(),
+            broker: broker_settings.clone(),
             window: cfg.confirm_window,
             confirm_timeout: cfg.confirm_timeout,
-            heartbeat: cfg.heartbeat,
-            connect_timeout: cfg.connect_timeout,
-            reconnect_initial: cfg.reconnect_initial,
-            reconnect_max: cfg.reconnect_max,
-            retry_initial: cfg.retry_initial,
-            retry_max: cfg.retry_max,
+            retry: broker::schedule(cfg.retry_initial, cfg.retry_max),
             dead_letter_after: cfg.dead_letter_after,
         },
         status.clone(),
@@ -170,14 +176,7 @@ pub async fn start_with(cfg: Config, store: Option<Arc<dyn Store>>) -> anyhow::R
         Some(config) => {
             let consumer = Consumer::new(
                 ConsumerSettings {
-                    broker: BrokerSettings {
-                        url: cfg.broker_url.clone().into(),
-                        tls_ca_pem: tls_ca_pem.clone(),
-                        heartbeat: cfg.heartbeat,
-                        connect_timeout: cfg.connect_timeout,
-                    },
-                    reconnect_initial: cfg.reconnect_initial,
-                    reconnect_max: cfg.reconnect_max,
+                    broker: broker_settings,
                     config,
                 },
                 metrics.clone(),

@@ -30,8 +30,12 @@ pub enum ConnState {
 pub struct BrokerSnapshot {
     /// Current state.
     pub state: ConnState,
-    /// The broker URL without its password.
+    /// The broker address in use (or last tried), without its password:
+    /// with several addresses, the node the sidecar is connected to.
     pub url: String,
+    /// Every configured broker address, without passwords, in the order
+    /// they are tried.
+    pub addresses: Vec<String>,
     /// The last connection or publishing error, in the broker's or the
     /// network's own words.
     pub last_error: Option<String>,
@@ -51,12 +55,14 @@ pub struct BrokerStatus {
 }
 
 impl BrokerStatus {
-    /// A fresh status for `redacted_url`, in state `Connecting`.
-    pub fn new(redacted_url: String, metrics: Arc<Metrics>) -> Self {
+    /// A fresh status for the broker addresses `redacted_urls` (without
+    /// passwords), in state `Connecting`.
+    pub fn new(redacted_urls: Vec<String>, metrics: Arc<Metrics>) -> Self {
         Self {
             inner: Arc::new(Mutex::new(BrokerSnapshot {
                 state: ConnState::Connecting,
-                url: redacted_url,
+                url: redacted_urls.first().cloned().unwrap_or_default(),
+                addresses: redacted_urls,
                 last_error: None,
                 last_error_at_ms: None,
                 connected_since_ms: None,
@@ -90,9 +96,11 @@ impl BrokerStatus {
         });
     }
 
-    pub(crate) fn connected(&self) {
+    /// Connected to `url` (without its password).
+    pub(crate) fn connected(&self, url: &str) {
         self.update(|s| {
             s.state = ConnState::Connected;
+            s.url = url.to_owned();
             s.connected_since_ms = Some(now_ms());
             s.blocked_reason = None;
         });

@@ -677,15 +677,15 @@ async fn returns_are_matched_to_their_messages_when_confirms_cover_several() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_closed_channel_charges_only_its_own_exchange() {
     init_tracing();
-    let node = start_node().await;
+    // Set at boot: RabbitMQ 4 reads the limit only then.
+    let node = tokio::task::spawn_blocking(|| {
+        RabbitNode::start_with_config("max_message_size = 8192\n").expect("start a node")
+    })
+    .await
+    .unwrap();
     declare_topology(&node).await;
     node.declare_exchange("big", "direct").await.unwrap();
     node.bind("big", QUEUE, KEY).await.unwrap();
-    node.ctl(&[
-        "eval",
-        "application:set_env(rabbit, max_message_size, 8192).",
-    ])
-    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = test_config(&node.amqp_url(), dir.path());
     cfg.dead_letter_after = Duration::ZERO;

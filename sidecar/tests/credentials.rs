@@ -68,32 +68,37 @@ fn no_config_type_prints_a_password() {
         cfg.resolve_broker_url().unwrap();
         assert_hidden("Config from host keys", &format!("{cfg:?}"));
 
+        // A cluster's addresses, as a list and as one URL with several hosts.
+        for setting in [
+            format!("{url},{url}"),
+            format!("{url},rabbit-1,rabbit-2:5673"),
+        ] {
+            let mut cfg = cfg.clone();
+            cfg.broker_url = setting;
+            assert_hidden("Config with several addresses", &format!("{cfg:?}"));
+        }
         let broker = BrokerSettings {
-            url: url.into(),
+            urls: vec![url.into(), url.into()],
             tls_ca_pem: None,
             heartbeat: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
+            reconnect: warren_sidecar::broker::schedule(
+                Duration::from_millis(200),
+                Duration::from_secs(5),
+            ),
         };
         assert_hidden("BrokerSettings", &format!("{broker:?}"));
         assert_hidden("BrokerSettings", &format!("{broker:#?}"));
         let consumer = ConsumerSettings {
-            broker,
-            reconnect_initial: Duration::from_millis(200),
-            reconnect_max: Duration::from_secs(5),
+            broker: broker.clone(),
             config: Default::default(),
         };
         assert_hidden("ConsumerSettings", &format!("{consumer:?}"));
         let forwarder = ForwarderConfig {
-            url: url.into(),
-            tls_ca_pem: None,
+            broker,
             window: 1,
             confirm_timeout: Duration::from_secs(1),
-            heartbeat: Duration::from_secs(1),
-            connect_timeout: Duration::from_secs(1),
-            reconnect_initial: Duration::from_secs(1),
-            reconnect_max: Duration::from_secs(1),
-            retry_initial: Duration::from_secs(1),
-            retry_max: Duration::from_secs(1),
+            retry: warren_sidecar::broker::schedule(Duration::from_secs(1), Duration::from_secs(1)),
             dead_letter_after: Duration::from_secs(1),
         };
         assert_hidden("ForwarderConfig", &format!("{forwarder:?}"));

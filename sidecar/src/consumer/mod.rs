@@ -44,7 +44,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warren_crds::sidecar_config::{ConsumeQueue, HOLD_MARGIN, SidecarConfig};
 
-use crate::broker::{self, BrokerSettings, backoff, describe, jittered};
+use warren_crds::backoff::Backoff;
+
+use crate::broker::{self, BrokerSettings, ConnectError, Connected, Link, describe};
 use crate::metrics::{Metrics, Outcome, ParkLabel, ParkLabels, QueueLabels, RetryLabels};
 use app::{AppClient, Request};
 use plan::{Action, Copy, Failure, Original, ParkReason};
@@ -53,10 +55,9 @@ pub use state::{ConsumerSnapshot, ConsumerState};
 /// Settings of the consumer.
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
+    /// The broker's addresses, connection settings and the reconnect
+    /// backoff (also used between attempts to re-subscribe a queue).
     pub broker: BrokerSettings,
-    /// Reconnect and re-subscribe backoff bounds.
-    pub reconnect_initial: Duration,
-    pub reconnect_max: Duration,
     /// Queues, app endpoint and retry policies; must be valid and non-empty.
     pub config: SidecarConfig,
 }
@@ -74,8 +75,8 @@ struct Shared {
     timeout: Duration,
     /// Longest a delivery may wait for a slot before it is handed back.
     max_wait: Duration,
-    reconnect_initial: Duration,
-    reconnect_max: Duration,
+    /// Between attempts to re-subscribe a queue.
+    resubscribe: Backoff,
 }
 
 /// The consumer task. Create with [`Consumer::new`], drive with
@@ -83,6 +84,8 @@ struct Shared {
 pub struct Consumer {
     settings: ConsumerSettings,
     shared: Arc<Shared>,
+    /// How long deliveries in hand may take to finish when stopping.
+    drain: Duration,
 }
 
 impl Consumer {
@@ -113,58 +116,22 @@ impl Consumer {
             app_url: app.url,
             timeout,
             max_wait,
-            reconnect_initial: settings.reconnect_initial,
-            reconnect_max: settings.reconnect_max,
+            resubscribe: settings.broker.reconnect,
         });
-        Ok(Self { settings, shared })
+        Ok(Self {
+            settings,
+            shared,
+            drain: Duration::ZERO,
+        })
     }
 
     /// Consumes until `stop` is cancelled; then stops taking deliveries,
     /// gives those in hand up to `drain` to finish and closes. Whatever is
     /// not acknowledged by then goes back to the queue.
-    pub async fn run(self, stop: CancellationToken, drain: Duration) {
-        let mut attempt: u32 = 0;
-        while !stop.is_cancelled() {
-            let conn = tokio::select! {
-                c = broker::connect(&self.settings.broker, "warren-sidecar-consumer") => c,
-                _ = stop.cancelled() => break,
-            };
-            match conn {
-                Ok(conn) => {
-                    attempt = 0;
-                    let conn = Arc::new(conn);
-                    self.shared.state.connected();
-                    tracing::info!("consumer connected to broker");
-                    let end = self.session(&conn, &stop, drain).await;
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(1),
-                        conn.close(200, "warren-sidecar closing".into()),
-                    )
-                    .await;
-                    match end {
-                        Ok(()) => break,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "consumer connection lost; reconnecting");
-                            self.shared.state.disconnected(Some(e));
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, attempt, "consumer cannot connect to broker");
-                    self.shared.state.disconnected(Some(e.to_string()));
-                }
-            }
-            let delay = jittered(backoff(
-                self.settings.reconnect_initial,
-                self.settings.reconnect_max,
-                attempt,
-            ));
-            attempt = attempt.saturating_add(1);
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = stop.cancelled() => break,
-            }
-        }
+    pub async fn run(mut self, stop: CancellationToken, drain: Duration) {
+        self.drain = drain;
+        let broker = self.settings.broker.clone();
+        broker::stay_connected(&broker, &mut self, &stop).await;
         self.shared.tracker.close();
         let _ = tokio::time::timeout(drain, self.shared.tracker.wait()).await;
         self.shared.state.stopped();
@@ -172,7 +139,7 @@ impl Consumer {
 
     /// One connection: a subscription task per queue; ends with `Err` when
     /// the connection fails, `Ok` when stopped.
-    async fn session(
+    async fn consume(
         &self,
         conn: &Arc<Connection>,
         stop: &CancellationToken,
@@ -256,11 +223,7 @@ async fn subscribe_loop(
         }
         tracing::error!(queue = name, %error, "cannot consume queue; trying again");
         shared.state.failing(name, error);
-        let delay = jittered(backoff(
-            shared.reconnect_initial,
-            shared.reconnect_max,
-            failures,
-        ));
+        let delay = broker::delay(&shared.resubscribe, failures);
         failures = failures.saturating_add(1);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
@@ -505,7 +468,11 @@ async fn process(
             // pause stays within the consumer timeout.
             let left = (received + shared.max_wait + shared.timeout)
                 .saturating_duration_since(Instant::now());
-            tokio::time::sleep(jittered(Duration::from_secs(2)).min(left)).await;
+            let pause = broker::delay(
+                &broker::schedule(Duration::from_secs(1), Duration::from_secs(1)),
+                0,
+            );
+            tokio::time::sleep(pause.min(left)).await;
             requeue(delivery).await
         }
     }
@@ -633,5 +600,32 @@ impl Republisher {
         tokio::time::timeout(timeout, attempt)
             .await
             .unwrap_or_else(|_| Err(format!("no confirm within {timeout:?}")))
+    }
+}
+/// The consumer's side of the shared reconnect loop.
+impl Link for Consumer {
+    const NAME: &'static str = "warren-sidecar-consumer";
+
+    fn connected(&mut self, broker: &Connected) {
+        self.shared.state.connected(&broker.url);
+        tracing::info!(broker = %broker.url, "consumer connected to broker");
+    }
+
+    async fn session(
+        &mut self,
+        broker: &Connected,
+        stop: &CancellationToken,
+    ) -> Result<(), String> {
+        self.consume(&broker.conn, stop, self.drain).await
+    }
+
+    fn unreachable(&mut self, error: &ConnectError, attempt: u32) {
+        tracing::warn!(%error, attempt, "consumer cannot connect to broker");
+        self.shared.state.disconnected(Some(error.to_string()));
+    }
+
+    fn lost(&mut self, broker: &Connected, error: &str) {
+        tracing::warn!(broker = %broker.url, %error, "consumer connection lost; reconnecting");
+        self.shared.state.disconnected(Some(error.to_owned()));
     }
 }

@@ -43,6 +43,9 @@ pub struct QueueStatus {
 pub struct ConsumerSnapshot {
     /// Whether the consumer's broker connection is up.
     pub connected: bool,
+    /// The broker address connected to (or last connected to), without its
+    /// password: with several addresses, the node the consumer is on.
+    pub broker: Option<String>,
     /// The last connection error.
     pub last_error: Option<String>,
     /// Deliveries being handled right now.
@@ -73,6 +76,7 @@ impl ConsumerState {
         Self {
             inner: Arc::new(Mutex::new(ConsumerSnapshot {
                 connected: false,
+                broker: None,
                 last_error: None,
                 in_flight: 0,
                 queues,
@@ -92,9 +96,10 @@ impl ConsumerState {
         }
     }
 
-    pub(crate) fn connected(&self) {
+    pub(crate) fn connected(&self, url: &str) {
         let mut s = self.inner.lock().unwrap();
         s.connected = true;
+        s.broker = Some(url.to_owned());
     }
 
     pub(crate) fn disconnected(&self, error: Option<String>) {
