@@ -1,17 +1,21 @@
 //! The baselines: publishing straight to the broker with lapin and publisher
-//! confirms, and the disk's single-fsync rate.
+//! confirms, and the disk's single-fsync rate. Also the broker's version,
+//! for the report's header.
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::protocol::{AMQPClass, connection};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Results of a publishing run.
 #[derive(Debug, Clone)]
@@ -234,4 +238,46 @@ pub fn fsync_rate(dir: &Path, n: u64) -> anyhow::Result<f64> {
     drop(f);
     std::fs::remove_file(&path)?;
     Ok(n as f64 / elapsed.as_secs_f64())
+}
+
+/// The broker's version: the `version` key of the server properties it
+/// sends in `connection.start`. lapin does not keep those properties, so
+/// this opens a connection of its own, reads that first frame and hangs up
+/// before authenticating.
+pub async fn broker_version(url: &str) -> anyhow::Result<String> {
+    let uri: AMQPUri = url.parse().map_err(|e: String| anyhow!("{e}"))?;
+    let read = async {
+        let addr = (uri.authority.host.as_str(), uri.authority.port);
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.write_all(b"AMQP\x00\x00\x09\x01").await?;
+        // A frame: type (1 = method), channel (2 bytes), payload size (4
+        // bytes), the payload, and a frame-end octet.
+        let mut head = [0u8; 7];
+        stream.read_exact(&mut head).await?;
+        anyhow::ensure!(
+            head[0] == 1,
+            "the broker answered with frame type {}, not connection.start",
+            head[0]
+        );
+        let size = u32::from_be_bytes([head[3], head[4], head[5], head[6]]) as usize;
+        anyhow::ensure!(size <= 1 << 20, "connection.start of {size} bytes");
+        let mut payload = vec![0u8; size + 1];
+        stream.read_exact(&mut payload).await?;
+        payload.truncate(size);
+        anyhow::Ok(payload)
+    };
+    let payload = tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .context("the broker sent no connection.start within 10 s")??;
+    let (_, class) = lapin::protocol::parse_class(payload.as_slice())
+        .map_err(|e| anyhow!("cannot parse connection.start: {e:?}"))?;
+    let AMQPClass::Connection(connection::AMQPMethod::Start(start)) = class else {
+        bail!("the broker's first method is not connection.start: {class:?}");
+    };
+    match start.server_properties.inner().get("version") {
+        Some(AMQPValue::LongString(v)) => Ok(v.to_string()),
+        Some(AMQPValue::ShortString(v)) => Ok(v.to_string()),
+        Some(other) => bail!("the broker's version is not a string: {other:?}"),
+        None => bail!("the broker's server properties hold no version"),
+    }
 }

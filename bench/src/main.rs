@@ -17,22 +17,28 @@
 //!
 //! All messages carry a 1 KiB body, are persistent, and go to one quorum
 //! queue; the queue is purged and the path warmed up before each measurement.
+//! The header names the broker's version, as the broker announces it.
+//!
+//! Layout: this file runs the phases in order and measures the baselines
+//! (one function per figure group); [`sidecar`] measures through the
+//! sidecar, per engine; [`direct`], [`load`] and [`relay`] drive the
+//! broker, the sidecar's HTTP API and the relay; [`report`] prints.
 
 mod direct;
 mod load;
 mod relay;
 mod report;
+mod sidecar;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use bytes::Bytes;
+use anyhow::Context;
 use clap::Parser;
-use warren_testkit::{NodeOptions, RabbitNode, SidecarOptions, SidecarProcess, reserve_port};
+use warren_testkit::{NodeOptions, RabbitNode};
 
 use crate::direct::{Publisher, QueueCounter};
 use crate::report::{Report, percentile_ms};
+use crate::sidecar::EngineRun;
 
 const QUEUE: &str = "warren-bench";
 const BODY_BYTES: usize = 1024;
@@ -209,10 +215,74 @@ fn payload() -> String {
         .collect()
 }
 
+/// The whole run: settings, the disk, the broker, the direct baselines and
+/// the relay, every engine's sidecar phases, then the targets.
 async fn run(args: &Args, bin: &Path) -> anyhow::Result<Report> {
     let sizes = Sizes::from(args);
     let mut r = Report::default();
-    let work = match &args.work_dir {
+    let work = work_dir(args)?;
+    record_settings(&mut r, args, &sizes, bin, work.path());
+    let body = payload();
+
+    let fsync = disk_phase(&mut r, &work.path().join("outbox"), &sizes)?;
+
+    progress("starting a private RabbitMQ node");
+    let mut node = tokio::task::block_in_place(|| {
+        RabbitNode::start_with(NodeOptions {
+            tls: false,
+            management: false,
+        })
+    })?;
+    node.declare_quorum_queue(QUEUE).await?;
+    let url = node.amqp_url();
+    r.setting(
+        "broker_version",
+        direct::broker_version(&url)
+            .await
+            .unwrap_or_else(|e| format!("unknown ({e:#})")),
+    );
+    let mut counter = QueueCounter::new(&url);
+
+    let mut publisher = Publisher::connect(&url, body.as_bytes().to_vec()).await?;
+    direct_sync_phase(&mut r, &mut publisher, &node, &sizes).await?;
+    direct_pipelined_phase(&mut r, &mut publisher, &node, &sizes).await?;
+    publisher.close().await;
+
+    relay_phase(&mut r, &node, work.path(), &body, &sizes).await?;
+
+    for (i, engine) in args.engines.iter().enumerate() {
+        let suffix = if i == 0 {
+            String::new()
+        } else {
+            format!("_{engine}")
+        };
+        let engine_dir = work.path().join(format!("engine-{engine}"));
+        sidecar::engine_phases(
+            &mut r,
+            EngineRun {
+                engine,
+                suffix: &suffix,
+                dir: &engine_dir,
+                sizes: &sizes,
+                args,
+                body: &body,
+            },
+            &mut node,
+            &mut counter,
+        )
+        .await?;
+    }
+    let _ = tokio::task::block_in_place(|| node.shutdown());
+
+    r.setting("load_average_at_end", load_average());
+    targets(&mut r, fsync);
+    Ok(r)
+}
+
+/// A fresh directory for the outboxes and the fsync probe, under
+/// `--work-dir` if given.
+fn work_dir(args: &Args) -> anyhow::Result<tempfile::TempDir> {
+    Ok(match &args.work_dir {
         Some(d) => {
             std::fs::create_dir_all(d)?;
             tempfile::Builder::new()
@@ -220,10 +290,14 @@ async fn run(args: &Args, bin: &Path) -> anyhow::Result<Report> {
                 .tempdir_in(d)?
         }
         None => tempfile::Builder::new().prefix("warren-bench-").tempdir()?,
-    };
-    let outbox_dir = work.path().join("outbox");
+    })
+}
+
+/// The settings shown in the report's header (the broker's version is
+/// added once the broker runs).
+fn record_settings(r: &mut Report, args: &Args, sizes: &Sizes, bin: &Path, work: &Path) {
     r.setting("sidecar", bin.display().to_string());
-    r.setting("work_dir", work.path().display().to_string());
+    r.setting("work_dir", work.display().to_string());
     r.setting(
         "cpus",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -254,36 +328,33 @@ async fn run(args: &Args, bin: &Path) -> anyhow::Result<Report> {
             sizes.buffered
         ),
     );
-    let body = payload();
+}
 
-    // -- the disk ------------------------------------------------------
+/// `fsync_per_s`: the disk's single write+fsync rate where the outbox
+/// lives. Returns it (the outage targets are bounded by it).
+fn disk_phase(r: &mut Report, outbox_dir: &Path, sizes: &Sizes) -> anyhow::Result<f64> {
     progress(format!(
         "disk: {} write+fsync in {}",
         sizes.fsyncs,
         outbox_dir.display()
     ));
-    let fsync = direct::fsync_rate(&outbox_dir, sizes.fsyncs)?;
+    let fsync = direct::fsync_rate(outbox_dir, sizes.fsyncs)?;
     r.baseline(
         "fsync_per_s",
         "disk: single write+fsync rate",
         fsync,
         "fsync/s",
     );
+    Ok(fsync)
+}
 
-    // -- the broker ----------------------------------------------------
-    progress("starting a private RabbitMQ node");
-    let mut node = tokio::task::block_in_place(|| {
-        RabbitNode::start_with(NodeOptions {
-            tls: false,
-            management: false,
-        })
-    })?;
-    node.declare_quorum_queue(QUEUE).await?;
-    let url = node.amqp_url();
-    let mut counter = QueueCounter::new(&url);
-
-    // -- direct baselines ----------------------------------------------
-    let mut publisher = Publisher::connect(&url, body.as_bytes().to_vec()).await?;
+/// `direct_sync_*`: lapin with confirms, one message at a time.
+async fn direct_sync_phase(
+    r: &mut Report,
+    publisher: &mut Publisher,
+    node: &RabbitNode,
+    sizes: &Sizes,
+) -> anyhow::Result<()> {
     progress(format!("direct synchronous: {} messages", sizes.sync));
     publisher.synchronous(QUEUE, 100).await?;
     node.purge(QUEUE).await?;
@@ -307,7 +378,17 @@ async fn run(args: &Args, bin: &Path) -> anyhow::Result<Report> {
         percentile_ms(&sync.latencies, 99.0),
         "ms",
     );
+    Ok(())
+}
 
+/// `direct_pipelined_*`: lapin with confirms, 1000 messages in flight, and
+/// the client's CPU per message.
+async fn direct_pipelined_phase(
+    r: &mut Report,
+    publisher: &mut Publisher,
+    node: &RabbitNode,
+    sizes: &Sizes,
+) -> anyhow::Result<()> {
     progress(format!(
         "direct pipelined (window 1000): {} messages",
         sizes.pipelined
@@ -320,7 +401,6 @@ async fn run(args: &Args, bin: &Path) -> anyhow::Result<Report> {
     let pipelined = publisher.pipelined(QUEUE, sizes.pipelined, 1000).await?;
     let direct_cpu = cpu_seconds(std::process::id()) - cpu_before;
     node.purge(QUEUE).await?;
-    publisher.close().await;
     r.baseline(
         "direct_pipelined_msgs_per_s",
         "direct lapin, confirms, window 1000: throughput",
@@ -333,18 +413,27 @@ async fn run(args: &Args, bin: &Path) -> anyhow::Result<Report> {
         direct_cpu * 1e6 / sizes.pipelined as f64,
         "us",
     );
+    Ok(())
+}
 
-    // -- the transactional outbox relay ---------------------------------
+/// `relay_*`: the transactional outbox relay, end to end and at low load.
+async fn relay_phase(
+    r: &mut Report,
+    node: &RabbitNode,
+    work: &Path,
+    body: &str,
+    sizes: &Sizes,
+) -> anyhow::Result<()> {
     progress(format!(
         "relay: {} rows committed in PostgreSQL, then {} rows one per transaction",
         sizes.pipelined, sizes.relay_samples
     ));
     let relayed = relay::measure(
-        &url,
+        &node.amqp_url(),
         QUEUE,
-        work.path(),
+        work,
         body.as_bytes(),
-        &node,
+        node,
         sizes.pipelined,
         sizes.relay_samples,
     )
@@ -370,34 +459,11 @@ async fn run(args: &Args, bin: &Path) -> anyhow::Result<Report> {
         percentile_ms(&relayed.latencies, 99.0),
         "ms",
     );
+    Ok(())
+}
 
-    for (i, engine) in args.engines.iter().enumerate() {
-        let suffix = if i == 0 {
-            String::new()
-        } else {
-            format!("_{engine}")
-        };
-        let engine_dir = work.path().join(format!("engine-{engine}"));
-        engine_phases(
-            &mut r,
-            EngineRun {
-                engine,
-                suffix: &suffix,
-                dir: &engine_dir,
-                sizes: &sizes,
-                args,
-                body: &body,
-            },
-            &mut node,
-            &mut counter,
-        )
-        .await?;
-    }
-    let _ = tokio::task::block_in_place(|| node.shutdown());
-
-    r.setting("load_average_at_end", load_average());
-
-    // -- targets (issue #13), for the first engine -------------------------
+/// The targets (issue #13), checked for the first engine's figures.
+fn targets(r: &mut Report, fsync: f64) {
     let pipelined = r.value("direct_pipelined_msgs_per_s").unwrap_or(f64::NAN);
     let sync_p50 = r.value("direct_sync_p50_ms").unwrap_or(f64::NAN);
     let direct_cpu = r
@@ -473,426 +539,4 @@ async fn run(args: &Args, bin: &Path) -> anyhow::Result<Report> {
         "<=",
         1.0,
     );
-    Ok(r)
-}
-
-/// One engine's part of the run.
-struct EngineRun<'a> {
-    /// `--outbox-engine` value.
-    engine: &'a str,
-    /// Appended to every figure's key.
-    suffix: &'a str,
-    /// Where its outboxes live.
-    dir: &'a Path,
-    sizes: &'a Sizes,
-    args: &'a Args,
-    body: &'a str,
-}
-
-/// Everything measured through the sidecar, for one engine.
-async fn engine_phases(
-    r: &mut Report,
-    run: EngineRun<'_>,
-    node: &mut RabbitNode,
-    counter: &mut QueueCounter,
-) -> anyhow::Result<()> {
-    let EngineRun {
-        engine,
-        suffix,
-        dir,
-        sizes,
-        args,
-        body,
-    } = run;
-    let label = |l: &str| format!("[{engine}] {l}");
-    let body = body.to_owned();
-    // -- through the sidecar -------------------------------------------
-    progress(format!("starting warren-sidecar, engine {engine}"));
-    let url = node.amqp_url();
-    let engine_flag = format!("--outbox-engine={engine}");
-    let mut sidecar = start_sidecar(
-        &url,
-        &dir.join("outbox"),
-        std::slice::from_ref(&engine_flag),
-    )
-    .await?;
-    wait_broker_state(&sidecar, true, Duration::from_secs(30)).await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let idle_rss = rss_mib(&sidecar)?;
-    r.budgeted(
-        key("sidecar_idle_rss_mib", suffix),
-        &label("sidecar: RSS idle (connected, empty outbox)"),
-        idle_rss,
-        "MiB",
-        RSS_BUDGET_MIB,
-    );
-    let api = sidecar.api_url();
-    let http = load::client(128);
-    let raw = Bytes::from(body.clone());
-
-    // Warm-up of both publish paths.
-    load::single(&http, &api, QUEUE, raw.clone(), 4, 500).await?;
-    let warm_batch = load::batch_body(QUEUE, &body, args.batch_size as usize);
-    load::batches(&http, &api, warm_batch.clone(), args.batch_size, 1, 2).await?;
-    settle(&sidecar, counter, node, 500 + 2 * args.batch_size).await?;
-
-    progress(format!(
-        "sidecar single publishes, 1 client: {}",
-        sizes.single1
-    ));
-    let one = load::single(&http, &api, QUEUE, raw.clone(), 1, sizes.single1).await?;
-    settle(&sidecar, counter, node, sizes.single1).await?;
-    r.compared(
-        key("sidecar_single1_msgs_per_s", suffix),
-        &label("sidecar single publish, 1 client: accepted"),
-        one.rate(),
-        "msg/s",
-        "direct_sync_msgs_per_s",
-    );
-    r.compared(
-        key("sidecar_single1_p50_ms", suffix),
-        &label("sidecar single publish, 1 client: p50 HTTP"),
-        percentile_ms(&one.latencies, 50.0),
-        "ms",
-        "direct_sync_p50_ms",
-    );
-    r.compared(
-        key("sidecar_single1_p99_ms", suffix),
-        &label("sidecar single publish, 1 client: p99 HTTP"),
-        percentile_ms(&one.latencies, 99.0),
-        "ms",
-        "direct_sync_p99_ms",
-    );
-
-    progress(format!(
-        "sidecar single publishes, 64 clients: {}",
-        sizes.single64
-    ));
-    load::single(&http, &api, QUEUE, raw.clone(), 64, 640).await?;
-    settle(&sidecar, counter, node, 640).await?;
-    let many = load::single(&http, &api, QUEUE, raw.clone(), 64, sizes.single64).await?;
-    settle(&sidecar, counter, node, sizes.single64).await?;
-    r.compared(
-        key("sidecar_single64_msgs_per_s", suffix),
-        &label("sidecar single publish, 64 clients: accepted"),
-        many.rate(),
-        "msg/s",
-        "direct_pipelined_msgs_per_s",
-    );
-    r.compared(
-        key("sidecar_single64_p50_ms", suffix),
-        &label("sidecar single publish, 64 clients: p50 HTTP"),
-        percentile_ms(&many.latencies, 50.0),
-        "ms",
-        "direct_sync_p50_ms",
-    );
-    r.compared(
-        key("sidecar_single64_p99_ms", suffix),
-        &label("sidecar single publish, 64 clients: p99 HTTP"),
-        percentile_ms(&many.latencies, 99.0),
-        "ms",
-        "direct_sync_p99_ms",
-    );
-
-    progress(format!(
-        "sidecar batches end to end: {} messages in batches of {}",
-        sizes.batch, args.batch_size
-    ));
-    let batch_body = load::batch_body(QUEUE, &body, args.batch_size as usize);
-    let sidecar_pid = sidecar.pid().context("the sidecar is not running")?;
-    let cpu_before = cpu_seconds(sidecar_pid);
-    let start = Instant::now();
-    let accepted = load::batches(
-        &http,
-        &api,
-        batch_body.clone(),
-        args.batch_size,
-        args.batch_clients,
-        sizes.batch / args.batch_size,
-    )
-    .await?;
-    let done = drained(&sidecar, counter, sizes.batch).await?;
-    let e2e = sizes.batch as f64 / (done - start).as_secs_f64();
-    let batch_cpu = cpu_seconds(sidecar_pid) - cpu_before;
-    node.purge(QUEUE).await?;
-    r.compared(
-        key("sidecar_batch_e2e_msgs_per_s", suffix),
-        &label(&format!(
-            "sidecar batch ({}/request): broker-confirmed, end to end",
-            args.batch_size
-        )),
-        e2e,
-        "msg/s",
-        "direct_pipelined_msgs_per_s",
-    );
-    r.compared(
-        key("sidecar_batch_accept_msgs_per_s", suffix),
-        &label(&format!(
-            "sidecar batch ({}/request): accepted",
-            args.batch_size
-        )),
-        accepted.rate(),
-        "msg/s",
-        "direct_pipelined_msgs_per_s",
-    );
-    r.compared(
-        key("sidecar_batch_cpu_us_per_msg", suffix),
-        &label("sidecar batch: sidecar CPU per message (accept+forward)"),
-        batch_cpu * 1e6 / sizes.batch as f64,
-        "us",
-        "direct_pipelined_cpu_us_per_msg",
-    );
-
-    // -- outage ----------------------------------------------------------
-    progress("outage: stopping the broker gracefully");
-    tokio::task::block_in_place(|| node.stop())?;
-    wait_broker_state(&sidecar, false, Duration::from_secs(30)).await?;
-    load::single(&http, &api, QUEUE, raw.clone(), 64, 640).await?;
-    progress(format!(
-        "outage: {} single publishes from 64 clients",
-        sizes.backlog
-    ));
-    let outage = load::single(&http, &api, QUEUE, raw.clone(), 64, sizes.backlog).await?;
-    r.compared(
-        key("outage_accept_msgs_per_s", suffix),
-        &label("broker down: accepted into the outbox, 64 clients"),
-        outage.rate(),
-        "msg/s",
-        "fsync_per_s",
-    );
-    let backlog = pending(&sidecar).await?;
-    anyhow::ensure!(
-        backlog >= sizes.backlog,
-        "outbox holds {backlog} messages, expected at least {}",
-        sizes.backlog
-    );
-    progress(format!(
-        "outage: starting the broker again, draining {backlog}"
-    ));
-    tokio::task::block_in_place(|| node.start_again())?;
-    let cpu_before = cpu_seconds(sidecar_pid);
-    let back = Instant::now();
-    wait_broker_state(&sidecar, true, Duration::from_secs(60)).await?;
-    let reconnected = Instant::now();
-    let done = drained(&sidecar, counter, backlog).await?;
-    let drain = backlog as f64 / (done - back).as_secs_f64();
-    let drain_cpu = cpu_seconds(sidecar_pid) - cpu_before;
-    node.purge(QUEUE).await?;
-    r.compared(
-        key("drain_msgs_per_s", suffix),
-        &label(&format!("backlog of {backlog} drained, from broker back")),
-        drain,
-        "msg/s",
-        "direct_pipelined_msgs_per_s",
-    );
-    r.compared(
-        key("drain_cpu_us_per_msg", suffix),
-        &label("drain: sidecar CPU per message (forward)"),
-        drain_cpu * 1e6 / backlog as f64,
-        "us",
-        "direct_pipelined_cpu_us_per_msg",
-    );
-    r.baseline(
-        key("reconnect_ms", suffix),
-        &label("sidecar reconnected, after broker back"),
-        (reconnected - back).as_secs_f64() * 1000.0,
-        "ms",
-    );
-    sidecar.terminate(Duration::from_secs(60)).await?;
-
-    // -- memory with a large backlog --------------------------------------
-    progress(format!(
-        "memory: buffering {} messages with the broker unreachable",
-        sizes.buffered
-    ));
-    let closed = reserve_port()?;
-    let down_url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", closed.port());
-    let buffered_dir = dir.join("outbox-buffered");
-    let mut buffered = start_sidecar(
-        &down_url,
-        &buffered_dir,
-        &[
-            engine_flag.clone(),
-            format!("--max-outbox-messages={}", sizes.buffered * 2),
-            format!("--max-outbox-bytes={}", sizes.buffered * 4096),
-        ],
-    )
-    .await?;
-    let api = buffered.api_url();
-    let fill = load::batches(
-        &http,
-        &api,
-        batch_body,
-        args.batch_size,
-        args.batch_clients,
-        sizes.buffered / args.batch_size,
-    )
-    .await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let held = pending(&buffered).await?;
-    anyhow::ensure!(
-        held == sizes.buffered,
-        "outbox holds {held} messages, expected {}",
-        sizes.buffered
-    );
-    let rss = rss_mib(&buffered)?;
-    r.compared(
-        key("outage_batch_accept_msgs_per_s", suffix),
-        &label(&format!(
-            "broker down: batches ({}/request) accepted",
-            args.batch_size
-        )),
-        fill.rate(),
-        "msg/s",
-        "fsync_per_s",
-    );
-    r.budgeted(
-        key("sidecar_buffered_rss_mib", suffix),
-        &label(&format!(
-            "sidecar: RSS with {} messages buffered",
-            sizes.buffered
-        )),
-        rss,
-        "MiB",
-        RSS_BUDGET_MIB,
-    );
-    let on_disk = dir_bytes(&buffered_dir);
-    r.budgeted(
-        key("sidecar_buffered_disk_ratio", suffix),
-        &label(&format!(
-            "outbox on disk / payload, {} messages buffered",
-            sizes.buffered
-        )),
-        on_disk as f64 / (sizes.buffered as f64 * BODY_BYTES as f64),
-        "x",
-        1.1,
-    );
-    // Restart after kill -9 with the backlog: until it is ready and its
-    // API reports the backlog.
-    buffered.kill9();
-    let restart = Instant::now();
-    buffered.restart().await?;
-    let held = pending(&buffered).await?;
-    let restart_ms = restart.elapsed().as_secs_f64() * 1000.0;
-    anyhow::ensure!(
-        held == sizes.buffered,
-        "after the restart the outbox holds {held} messages, expected {}",
-        sizes.buffered
-    );
-    r.budgeted(
-        key("sidecar_restart_ms", suffix),
-        &label(&format!(
-            "restart (kill -9) with {} buffered, until it serves",
-            sizes.buffered
-        )),
-        restart_ms,
-        "ms",
-        1000.0,
-    );
-    buffered.kill9();
-    drop(closed);
-
-    Ok(())
-}
-
-pub(crate) async fn start_sidecar(
-    broker_url: &str,
-    data_dir: &Path,
-    extra: &[String],
-) -> anyhow::Result<SidecarProcess> {
-    let mut options = SidecarOptions::new(broker_url, data_dir).env("RUST_LOG", "warn");
-    options.test_tuning = false;
-    options = options
-        .arg("--reconnect-initial=100ms")
-        .arg("--reconnect-max=500ms");
-    for a in extra {
-        options = options.arg(a.clone());
-    }
-    let mut sidecar = SidecarProcess::start(options)?;
-    sidecar.wait_ready().await?;
-    Ok(sidecar)
-}
-
-/// Bytes of every file under `dir`.
-fn dir_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
-}
-
-fn rss_mib(sidecar: &SidecarProcess) -> anyhow::Result<f64> {
-    let bytes = sidecar
-        .rss_bytes()
-        .context("cannot read the sidecar's RSS")?;
-    Ok(bytes as f64 / MIB)
-}
-
-async fn pending(sidecar: &SidecarProcess) -> anyhow::Result<u64> {
-    sidecar.outbox().await?["pending"]
-        .as_u64()
-        .context("GET /v1/outbox without pending")
-}
-
-/// Waits until the sidecar reports the broker connected (or not).
-async fn wait_broker_state(
-    sidecar: &SidecarProcess,
-    connected: bool,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let state = sidecar.outbox().await?["broker"]["state"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        if (state == "connected") == connected {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("the sidecar's broker state is still {state} after {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Waits until the outbox is empty and the queue holds `n` messages; returns
-/// when both were first seen.
-async fn drained(
-    sidecar: &SidecarProcess,
-    counter: &mut QueueCounter,
-    n: u64,
-) -> anyhow::Result<Instant> {
-    let timeout = Duration::from_secs(120 + n / 500);
-    let at = counter.wait_for(QUEUE, n, timeout).await?;
-    let deadline = Instant::now() + timeout;
-    while pending(sidecar).await? > 0 {
-        if Instant::now() > deadline {
-            bail!("the outbox did not drain within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let done = Instant::now().max(at);
-    let c = counter.count(QUEUE).await?;
-    anyhow::ensure!(c == n, "{QUEUE} holds {c} messages, expected {n}");
-    Ok(done)
-}
-
-/// Waits for `n` messages to arrive, then purges the queue.
-async fn settle(
-    sidecar: &SidecarProcess,
-    counter: &mut QueueCounter,
-    node: &RabbitNode,
-    n: u64,
-) -> anyhow::Result<()> {
-    drained(sidecar, counter, n).await?;
-    node.purge(QUEUE).await?;
-    Ok(())
 }

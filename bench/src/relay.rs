@@ -21,7 +21,7 @@ use lapin::{Connection, ConnectionProperties};
 use warren_testkit::{PgCluster, RabbitNode};
 
 use crate::direct::QueueCounter;
-use crate::start_sidecar;
+use crate::sidecar::start_sidecar;
 
 /// The DDL the project ships.
 const DDL: &str = include_str!("../../sidecar/sql/warren_outbox.sql");

@@ -36,7 +36,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
 use warren_crds::reliable_queue::QueueKind;
 
-use crate::manifests::BrokerUrl;
+use crate::broker_url::BrokerUrl;
 use crate::plan::{ExchangeDecl, PolicyDecl, QueueDecl, Role, Topology};
 
 /// A management API client for one broker.

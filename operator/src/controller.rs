@@ -42,7 +42,7 @@ use warren_crds::retry::RetryPolicySpec;
 use warren_crds::retry_policy::RetryPolicy;
 
 use crate::apply::{Broker, BrokerError};
-use crate::manifests::BrokerUrl;
+use crate::broker_url::BrokerUrl;
 use crate::metrics::Metrics;
 use crate::plan::{self, Topology};
 

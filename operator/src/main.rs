@@ -10,9 +10,10 @@ use futures::FutureExt;
 use clap::{Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 use warren_operator::apply::Broker;
+use warren_operator::broker_url::BrokerUrl;
 use warren_operator::controller::Scope;
 use warren_operator::inject::InjectionConfig;
-use warren_operator::manifests::{BrokerUrl, Manifests};
+use warren_operator::manifests::Manifests;
 use warren_operator::plan;
 
 /// warren-operator: ReliableQueue and RetryPolicy resources reconciled into
@@ -215,7 +216,7 @@ fn inject(files: &[PathBuf], config: Option<&std::path::Path>) -> anyhow::Result
         }
         None => InjectionConfig::default(),
     };
-    let out = warren_operator::manifests::inject_files(files, &config)?;
+    let out = warren_operator::inject_files::inject_files(files, &config)?;
     print!("{}", out.yaml);
     for workload in &out.injected {
         eprintln!("{workload}: sidecar injected");

@@ -9,10 +9,12 @@
 //! the live queue without recreating it.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde_json::{Value, json};
+use warren_crds::duration::HumanDuration;
 use warren_crds::names;
-use warren_crds::reliable_queue::{ExchangeKind, QueueKind, ReliableQueueSpec};
+use warren_crds::reliable_queue::{ExchangeKind, QueueKind, QueueSpec, ReliableQueueSpec};
 use warren_crds::retry::{DelayStrategy, RetryPolicySpec};
 
 /// Priority of Warren's policies: above the default 0 of hand-made ones, so
@@ -129,11 +131,55 @@ pub enum PlanError {
 }
 
 /// Plans the topology of a ReliableQueue whose work queue is `queue`.
+///
+/// The steps: refuse what cannot be planned (`check`); the work side
+/// (the app's exchange, the work queue and its parking lot); the retry side
+/// (TTL delay tiers or one delayed-message exchange); the policies that
+/// carry every changeable setting.
 pub fn plan(
     queue: &str,
     spec: &ReliableQueueSpec,
     policy: &RetryPolicySpec,
 ) -> Result<Topology, PlanError> {
+    let parking_lot = check(queue, spec, policy)?;
+    let retry_exchange = names::retry_exchange(queue);
+
+    let mut decls = work_part(queue, spec, &parking_lot);
+    decls.extend(match policy.delay_strategy {
+        DelayStrategy::TtlTiers => ttl_tiers_part(queue, &retry_exchange, &policy.tiers()),
+        DelayStrategy::DelayedMessageExchange => delayed_exchange_part(queue, &retry_exchange),
+    });
+    let Decls {
+        exchanges,
+        queues,
+        mut bindings,
+    } = decls;
+    bindings.sort();
+    bindings.dedup();
+
+    let mut policies = vec![work_policy(queue, &spec.queue, &parking_lot)];
+    policies.extend(parking_lot_policy(&parking_lot, spec.parking_lot.retention));
+
+    Ok(Topology {
+        vhost: spec.broker.vhost.clone(),
+        queue: queue.to_owned(),
+        parking_lot,
+        retry_exchange,
+        delay_strategy: policy.delay_strategy,
+        exchanges,
+        queues,
+        bindings,
+        policies,
+    })
+}
+
+/// Refuses a spec that cannot be planned, with the first reason found;
+/// returns the parking lot's name.
+fn check(
+    queue: &str,
+    spec: &ReliableQueueSpec,
+    policy: &RetryPolicySpec,
+) -> Result<String, PlanError> {
     if queue.is_empty() {
         return Err(PlanError::NoQueueName);
     }
@@ -152,23 +198,29 @@ pub fn plan(
     if parking_lot == queue {
         return Err(PlanError::ParkInSelf(queue.to_owned()));
     }
-    let retry_exchange = names::retry_exchange(queue);
-    let tiers = policy.tiers();
-    for (what, name) in [
+    check_name_lengths(queue, &parking_lot, &spec.exchange.name, &policy.tiers())?;
+    check_queue_settings(&spec.queue)?;
+    Ok(parking_lot)
+}
+
+/// Every name the topology uses fits an AMQP short string.
+fn check_name_lengths(
+    queue: &str,
+    parking_lot: &str,
+    exchange: &str,
+    tiers: &[Duration],
+) -> Result<(), PlanError> {
+    let tier_queues: Vec<String> = tiers
+        .iter()
+        .map(|d| names::retry_tier_queue(queue, *d))
+        .collect();
+    let fixed = [
         ("queue", queue),
-        ("parking lot", parking_lot.as_str()),
-        ("exchange", spec.exchange.name.as_str()),
-    ]
-    .into_iter()
-    .chain(
-        tiers
-            .iter()
-            .map(|d| ("delay queue", names::retry_tier_queue(queue, *d)))
-            .collect::<Vec<_>>()
-            .iter()
-            .map(|(w, n)| (*w, n.as_str()))
-            .collect::<Vec<_>>(),
-    ) {
+        ("parking lot", parking_lot),
+        ("exchange", exchange),
+    ];
+    let tiered = tier_queues.iter().map(|n| ("delay queue", n.as_str()));
+    for (what, name) in fixed.into_iter().chain(tiered) {
         if name.len() > 255 {
             return Err(PlanError::NameTooLong {
                 what,
@@ -176,7 +228,12 @@ pub fn plan(
             });
         }
     }
-    let q = &spec.queue;
+    Ok(())
+}
+
+/// The work queue's numbers are positive, and a delivery limit asks for a
+/// quorum queue.
+fn check_queue_settings(q: &QueueSpec) -> Result<(), PlanError> {
     for (field, value) in [
         ("spec.queue.maxLength", q.max_length),
         ("spec.queue.deliveryLimit", q.delivery_limit),
@@ -188,81 +245,124 @@ pub fn plan(
     if q.delivery_limit.is_some() && q.kind == QueueKind::Classic {
         return Err(PlanError::DeliveryLimitOnClassic);
     }
+    Ok(())
+}
 
-    let mut exchanges = vec![ExchangeDecl {
-        name: spec.exchange.name.clone(),
-        kind: spec.exchange.kind.as_str().to_owned(),
-        arguments: BTreeMap::new(),
-        owned: false,
-    }];
-    let mut queues = vec![
-        QueueDecl {
-            name: queue.to_owned(),
-            kind: q.kind,
-            arguments: type_args(q.kind),
-            role: Role::Work,
-        },
-        QueueDecl {
-            name: parking_lot.clone(),
-            kind: QueueKind::Quorum,
-            arguments: type_args(QueueKind::Quorum),
-            role: Role::ParkingLot,
-        },
-    ];
-    let mut bindings: Vec<BindingDecl> = work_keys(queue, spec)
-        .into_iter()
-        .map(|routing_key| BindingDecl {
-            exchange: spec.exchange.name.clone(),
-            queue: queue.to_owned(),
-            routing_key,
-        })
-        .collect();
+/// Declarations collected part by part, in declaration order.
+#[derive(Default)]
+struct Decls {
+    exchanges: Vec<ExchangeDecl>,
+    queues: Vec<QueueDecl>,
+    bindings: Vec<BindingDecl>,
+}
 
-    match policy.delay_strategy {
-        DelayStrategy::TtlTiers => {
-            exchanges.push(ExchangeDecl {
-                name: retry_exchange.clone(),
-                kind: "direct".into(),
-                arguments: BTreeMap::new(),
-                owned: true,
-            });
-            for delay in &tiers {
-                let name = names::retry_tier_queue(queue, *delay);
-                let mut arguments = type_args(QueueKind::Quorum);
-                arguments.insert("x-message-ttl".into(), json!(delay.as_millis() as u64));
-                arguments.insert("x-dead-letter-exchange".into(), json!(""));
-                arguments.insert("x-dead-letter-routing-key".into(), json!(queue));
-                arguments.insert("x-dead-letter-strategy".into(), json!("at-least-once"));
-                arguments.insert("x-overflow".into(), json!("reject-publish"));
-                bindings.push(BindingDecl {
-                    exchange: retry_exchange.clone(),
-                    queue: name.clone(),
-                    routing_key: names::retry_tier_routing_key(*delay),
-                });
-                queues.push(QueueDecl {
-                    name,
-                    kind: QueueKind::Quorum,
-                    arguments,
-                    role: Role::DelayTier,
-                });
-            }
-        }
-        DelayStrategy::DelayedMessageExchange => {
-            exchanges.push(ExchangeDecl {
-                name: retry_exchange.clone(),
-                kind: "x-delayed-message".into(),
-                arguments: BTreeMap::from([("x-delayed-type".into(), json!("direct"))]),
-                owned: true,
-            });
-            bindings.push(BindingDecl {
-                exchange: retry_exchange.clone(),
-                queue: queue.to_owned(),
-                routing_key: queue.to_owned(),
-            });
-        }
+impl Decls {
+    fn extend(&mut self, other: Decls) {
+        self.exchanges.extend(other.exchanges);
+        self.queues.extend(other.queues);
+        self.bindings.extend(other.bindings);
     }
+}
 
-    // The work queue's changeable settings.
+/// The work side: the app's exchange (declared, not owned), the work queue
+/// with its bindings, and the parking lot (always a quorum queue).
+fn work_part(queue: &str, spec: &ReliableQueueSpec, parking_lot: &str) -> Decls {
+    let kind = spec.queue.kind;
+    Decls {
+        exchanges: vec![ExchangeDecl {
+            name: spec.exchange.name.clone(),
+            kind: spec.exchange.kind.as_str().to_owned(),
+            arguments: BTreeMap::new(),
+            owned: false,
+        }],
+        queues: vec![
+            QueueDecl {
+                name: queue.to_owned(),
+                kind,
+                arguments: type_args(kind),
+                role: Role::Work,
+            },
+            QueueDecl {
+                name: parking_lot.to_owned(),
+                kind: QueueKind::Quorum,
+                arguments: type_args(QueueKind::Quorum),
+                role: Role::ParkingLot,
+            },
+        ],
+        bindings: work_keys(queue, spec)
+            .into_iter()
+            .map(|routing_key| BindingDecl {
+                exchange: spec.exchange.name.clone(),
+                queue: queue.to_owned(),
+                routing_key,
+            })
+            .collect(),
+    }
+}
+
+/// The retry side with TTL tiers: a direct retry exchange and one quorum
+/// queue per delay, whose messages expire back into the work queue.
+fn ttl_tiers_part(queue: &str, retry_exchange: &str, tiers: &[Duration]) -> Decls {
+    let mut decls = Decls {
+        exchanges: vec![ExchangeDecl {
+            name: retry_exchange.to_owned(),
+            kind: "direct".into(),
+            arguments: BTreeMap::new(),
+            owned: true,
+        }],
+        ..Decls::default()
+    };
+    for delay in tiers {
+        let name = names::retry_tier_queue(queue, *delay);
+        decls.bindings.push(BindingDecl {
+            exchange: retry_exchange.to_owned(),
+            queue: name.clone(),
+            routing_key: names::retry_tier_routing_key(*delay),
+        });
+        decls.queues.push(QueueDecl {
+            name,
+            kind: QueueKind::Quorum,
+            arguments: tier_args(queue, *delay),
+            role: Role::DelayTier,
+        });
+    }
+    decls
+}
+
+/// A delay tier's declaration arguments: its TTL and the dead-letter route
+/// back to the work queue (both encoded in its name, so never changed).
+fn tier_args(queue: &str, delay: Duration) -> BTreeMap<String, Value> {
+    let mut arguments = type_args(QueueKind::Quorum);
+    arguments.insert("x-message-ttl".into(), json!(delay.as_millis() as u64));
+    arguments.insert("x-dead-letter-exchange".into(), json!(""));
+    arguments.insert("x-dead-letter-routing-key".into(), json!(queue));
+    arguments.insert("x-dead-letter-strategy".into(), json!("at-least-once"));
+    arguments.insert("x-overflow".into(), json!("reject-publish"));
+    arguments
+}
+
+/// The retry side with the delayed-message plugin: one delayed exchange
+/// bound straight to the work queue.
+fn delayed_exchange_part(queue: &str, retry_exchange: &str) -> Decls {
+    Decls {
+        exchanges: vec![ExchangeDecl {
+            name: retry_exchange.to_owned(),
+            kind: "x-delayed-message".into(),
+            arguments: BTreeMap::from([("x-delayed-type".into(), json!("direct"))]),
+            owned: true,
+        }],
+        queues: Vec::new(),
+        bindings: vec![BindingDecl {
+            exchange: retry_exchange.to_owned(),
+            queue: queue.to_owned(),
+            routing_key: queue.to_owned(),
+        }],
+    }
+}
+
+/// The work queue's changeable settings: dead-lettering to the parking
+/// lot, overflow, and the spec's limits.
+fn work_policy(queue: &str, q: &QueueSpec, parking_lot: &str) -> PolicyDecl {
     let mut work = BTreeMap::new();
     work.insert("dead-letter-exchange".into(), json!(""));
     work.insert("dead-letter-routing-key".into(), json!(parking_lot));
@@ -283,33 +383,20 @@ pub fn plan(
     if let Some(n) = q.delivery_limit {
         work.insert("delivery-limit".into(), json!(n));
     }
-    let mut policies = vec![PolicyDecl {
+    PolicyDecl {
         name: policy_name(queue),
         pattern: exact_pattern(queue),
         definition: work,
-    }];
-    if let Some(retention) = spec.parking_lot.retention {
-        policies.push(PolicyDecl {
-            name: policy_name(&parking_lot),
-            pattern: exact_pattern(&parking_lot),
-            definition: BTreeMap::from([(
-                "message-ttl".into(),
-                json!(retention.0.as_millis() as u64),
-            )]),
-        });
     }
-    bindings.sort();
-    bindings.dedup();
-    Ok(Topology {
-        vhost: spec.broker.vhost.clone(),
-        queue: queue.to_owned(),
-        parking_lot,
-        retry_exchange,
-        delay_strategy: policy.delay_strategy,
-        exchanges,
-        queues,
-        bindings,
-        policies,
+}
+
+/// The parking lot's retention, when the spec sets one.
+fn parking_lot_policy(parking_lot: &str, retention: Option<HumanDuration>) -> Option<PolicyDecl> {
+    let retention = retention?;
+    Some(PolicyDecl {
+        name: policy_name(parking_lot),
+        pattern: exact_pattern(parking_lot),
+        definition: BTreeMap::from([("message-ttl".into(), json!(retention.0.as_millis() as u64))]),
     })
 }
 
