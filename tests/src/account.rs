@@ -106,6 +106,19 @@ impl Account {
         })
     }
 
+    /// Those of `ids` that a consumer received at least once (for ids the
+    /// sidecar refused, which must never arrive), sorted.
+    pub fn received_among(&self, ids: &[String]) -> Vec<String> {
+        let mut found: Vec<String> = self.with(|m| {
+            ids.iter()
+                .filter(|id| m.get(id.as_str()).is_some_and(|e| e.received > 0))
+                .cloned()
+                .collect()
+        });
+        found.sort();
+        found
+    }
+
     /// Acknowledged ids never received, sorted, for failure messages.
     pub fn lost_ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.with(|m| {

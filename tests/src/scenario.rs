@@ -13,7 +13,8 @@
 //!    both sidecars and N concurrent HTTP producers;
 //! 2. [`Rig::run`] plays [`Step`]s of a [`Schedule`]: each step injects a
 //!    [`Fault`], holds it, heals it, waits until messages flow again and
-//!    pauses;
+//!    pauses, and reports what the fault did to acceptance and delivery
+//!    (a [`StepReport`]);
 //! 3. [`Rig::settle`] heals everything, stops the producers, waits until
 //!    every acknowledged message arrived (or a timeout) and returns the
 //!    [`Outcome`]; [`Outcome::check`] fails on any loss.
@@ -22,6 +23,17 @@
 //! and record an id as acknowledged only on `202`. A `507` (outbox full), a
 //! `503` or a refused connection (sidecar down) is no acknowledgement: the
 //! producer backs off and publishes the same id again.
+//!
+//! The producing sidecar has a realistic outbox (the sidecar's default
+//! limit unless [`RigOptions::max_outbox_messages`] says otherwise), so
+//! broker and network outages are absorbed: publishes keep being answered
+//! `202`. The full outbox is played on its own: [`Fault::OutboxFull`] cuts a
+//! second producing sidecar with a small outbox
+//! ([`RigOptions::capped_outbox_messages`], its own proxy) off the broker
+//! and publishes to it until it answers `507`. Its publishers treat a
+//! `507` as the app should: the message was refused, not stored; they wait
+//! `Retry-After` and go on with the next message. Refused ids are kept
+//! apart: they are not acknowledged, so not lost, and must never arrive.
 //!
 //! The schedule is a pure function of its seed: replaying a seed replays
 //! the same faults with the same hold and pause times.
@@ -85,6 +97,20 @@ pub enum Fault {
 }
 
 impl Fault {
+    /// The name `--faults` takes (`broker-kill9`, `outbox-full`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::BrokerKill9 => "broker-kill9",
+            Fault::BrokerStop => "broker-stop",
+            Fault::NetworkCut => "network-cut",
+            Fault::NetworkStall => "network-stall",
+            Fault::NetworkReset => "network-reset",
+            Fault::ProducerKill9 => "producer-kill9",
+            Fault::ConsumerKill9 => "consumer-kill9",
+            Fault::OutboxFull => "outbox-full",
+        }
+    }
+
     /// Every kind; each round of a [`Schedule`] is a permutation of these.
     pub const ALL: [Fault; 8] = [
         Fault::BrokerKill9,
@@ -123,6 +149,20 @@ impl fmt::Display for Fault {
     }
 }
 
+impl std::str::FromStr for Fault {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Fault, String> {
+        Fault::ALL
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Fault::ALL.iter().map(|f| f.name()).collect();
+                format!("unknown fault {s:?} (one of {})", names.join(", "))
+            })
+    }
+}
+
 /// One step: inject `fault`, hold it, heal it, wait for messages to flow,
 /// then pause.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,15 +187,18 @@ impl fmt::Display for Step {
     }
 }
 
-/// An endless, seeded sequence of steps: rounds of every [`Fault`] in a
-/// random order, with random hold and pause times. The same seed gives the
-/// same steps.
+/// A seeded sequence of steps: endless rounds of every [`Fault`] in a
+/// random order ([`Schedule::new`]), or given faults in a given order
+/// ([`Schedule::of`]); hold and pause times are random. The same seed (and
+/// list) gives the same steps.
 #[derive(Debug, Clone)]
 pub struct Schedule {
     seed: u64,
     rng: StdRng,
-    /// What is left of the current round.
+    /// What is left of the current round, last first.
     round: Vec<Fault>,
+    /// Start a new round when this one is done.
+    endless: bool,
 }
 
 impl Schedule {
@@ -164,6 +207,17 @@ impl Schedule {
             seed,
             rng: StdRng::seed_from_u64(seed),
             round: Vec::new(),
+            endless: true,
+        }
+    }
+
+    /// `faults`, once each in this order, then the end.
+    pub fn of(seed: u64, faults: &[Fault]) -> Schedule {
+        Schedule {
+            seed,
+            rng: StdRng::seed_from_u64(seed),
+            round: faults.iter().rev().copied().collect(),
+            endless: false,
         }
     }
 
@@ -176,11 +230,11 @@ impl Iterator for Schedule {
     type Item = Step;
 
     fn next(&mut self) -> Option<Step> {
-        if self.round.is_empty() {
+        if self.round.is_empty() && self.endless {
             self.round = Fault::ALL.to_vec();
             self.round.shuffle(&mut self.rng);
         }
-        let fault = self.round.pop().expect("a round is never empty");
+        let fault = self.round.pop()?;
         let (lo, hi) = fault.hold_ms();
         let hold = Duration::from_millis(self.rng.random_range(lo..=hi));
         let pause = Duration::from_millis(self.rng.random_range(1_000..=3_000));
@@ -456,18 +510,35 @@ async fn deliver(State(app): State<Arc<AppShared>>, headers: HeaderMap, body: By
 pub struct ProduceStats {
     /// `202` answers.
     pub acked: AtomicU64,
-    /// Publishes not answered `202` (each retried later with the same id).
+    /// Publishes not answered `202` (each retried later with the same id,
+    /// except by [`OnFull::Refuse`] publishers on `507`).
     pub unacked_attempts: AtomicU64,
     /// `507` answers (outbox full).
     pub full: AtomicU64,
+    /// `507` answers without a `Retry-After` header (should be 0).
+    pub full_without_retry_after: AtomicU64,
+    /// The last `Retry-After` of a `507`, in seconds.
+    pub retry_after: AtomicU64,
     /// `503` answers and failed requests (sidecar down or restarting).
     pub unavailable: AtomicU64,
     /// Any other answer (a bug: the request is well-formed).
     pub other: AtomicU64,
+    /// Ids answered `507` and given up ([`OnFull::Refuse`]).
+    pub refused_ids: Mutex<Vec<String>>,
 }
 
 fn load(a: &AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
+}
+
+/// What a publisher does with a `507`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnFull {
+    /// Back off and publish the same id again.
+    Retry,
+    /// The message was refused: record its id as refused, wait
+    /// `Retry-After` (at most a second) and go on with the next id.
+    Refuse,
 }
 
 struct Producers {
@@ -476,10 +547,13 @@ struct Producers {
 }
 
 impl Producers {
+    /// `clients` publishers of ids `{prefix}{client}-{n}` to `url`.
     fn start(
         clients: usize,
+        prefix: &'static str,
         url: String,
         pace: Duration,
+        on_full: OnFull,
         account: &Account,
         stats: &Arc<ProduceStats>,
     ) -> Producers {
@@ -496,7 +570,7 @@ impl Producers {
                     let mut n = 0u64;
                     let mut backoff = Duration::from_millis(20);
                     while !stop.load(Ordering::Relaxed) {
-                        let id = format!("p{c}-{n:08}");
+                        let id = format!("{prefix}{c}-{n:08}");
                         let resp = http
                             .post(&url)
                             .header("X-Warren-Message-Id", &id)
@@ -504,8 +578,16 @@ impl Producers {
                             .body(id.clone())
                             .send()
                             .await;
-                        let counter = match resp.map(|r| r.status().as_u16()) {
-                            Ok(202) => {
+                        let resp = resp.map(|r| {
+                            let retry_after = r
+                                .headers()
+                                .get(reqwest::header::RETRY_AFTER)
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|v| v.parse::<u64>().ok());
+                            (r.status().as_u16(), retry_after)
+                        });
+                        let counter = match resp {
+                            Ok((202, _)) => {
                                 account.record_acked(id);
                                 stats.acked.fetch_add(1, Ordering::Relaxed);
                                 n += 1;
@@ -513,8 +595,27 @@ impl Producers {
                                 tokio::time::sleep(pace).await;
                                 continue;
                             }
-                            Ok(507) => &stats.full,
-                            Ok(503) | Err(_) => &stats.unavailable,
+                            Ok((507, retry_after)) => {
+                                match retry_after {
+                                    Some(secs) => stats.retry_after.store(secs, Ordering::Relaxed),
+                                    None => {
+                                        stats
+                                            .full_without_retry_after
+                                            .fetch_add(1, Ordering::Relaxed);
+                                    }
+                                }
+                                if on_full == OnFull::Refuse {
+                                    stats.full.fetch_add(1, Ordering::Relaxed);
+                                    stats.unacked_attempts.fetch_add(1, Ordering::Relaxed);
+                                    stats.refused_ids.lock().unwrap().push(id);
+                                    n += 1;
+                                    let wait = Duration::from_secs(retry_after.unwrap_or(1));
+                                    tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
+                                    continue;
+                                }
+                                &stats.full
+                            }
+                            Ok((503, _)) | Err(_) => &stats.unavailable,
                             Ok(_) => &stats.other,
                         };
                         counter.fetch_add(1, Ordering::Relaxed);
@@ -536,6 +637,176 @@ impl Producers {
     }
 }
 
+/// A snapshot of [`ProduceStats`], to tell what happened during a step.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    acked: u64,
+    full: u64,
+    unavailable: u64,
+}
+
+impl Counts {
+    fn of(stats: &ProduceStats) -> Counts {
+        Counts {
+            acked: load(&stats.acked),
+            full: load(&stats.full),
+            unavailable: load(&stats.unavailable),
+        }
+    }
+
+    fn since(self, before: Counts) -> Counts {
+        Counts {
+            acked: self.acked - before.acked,
+            full: self.full - before.full,
+            unavailable: self.unavailable - before.unavailable,
+        }
+    }
+}
+
+/// `12345` as `12,345`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, d) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(d);
+    }
+    out
+}
+
+/// Measures the longest stretch without a delivery to the app while it
+/// runs.
+struct PauseMeter {
+    stop: Arc<AtomicBool>,
+    task: JoinHandle<Duration>,
+}
+
+impl PauseMeter {
+    fn start(app: Arc<AppShared>) -> PauseMeter {
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let mut seen = app.deliveries.load(Ordering::Relaxed);
+                let mut since = Instant::now();
+                let mut longest = Duration::ZERO;
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let now = app.deliveries.load(Ordering::Relaxed);
+                    if now != seen {
+                        seen = now;
+                        since = Instant::now();
+                    }
+                    longest = longest.max(since.elapsed());
+                }
+                longest
+            }
+        });
+        PauseMeter { stop, task }
+    }
+
+    async fn finish(self) -> Duration {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap_or_default()
+    }
+}
+
+/// What one step did to acceptance and delivery.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    pub step: Step,
+    /// From injecting the fault to healing it (broker started again,
+    /// network resumed, sidecar restarted).
+    pub down: Duration,
+    /// The main producers' publishes from injecting the fault until
+    /// messages flowed again: answered `202`.
+    pub accepted: u64,
+    /// ... answered `507`.
+    pub refused: u64,
+    /// ... answered `503` or not at all (sidecar down).
+    pub unavailable: u64,
+    /// The longest stretch without a delivery to the app.
+    pub delivery_paused: Duration,
+    /// Messages flowed again after healing.
+    pub resumed: bool,
+    /// [`Fault::OutboxFull`] only: what the capped sidecar answered.
+    pub capped: Option<CappedReport>,
+}
+
+/// What the capped producing sidecar answered during [`Fault::OutboxFull`].
+#[derive(Debug, Clone, Copy)]
+pub struct CappedReport {
+    /// How long it was cut off the broker.
+    pub cut_off: Duration,
+    /// Its `--max-outbox-messages`.
+    pub limit: u64,
+    /// Publishes answered `202`.
+    pub accepted: u64,
+    /// Publishes answered `507` (refused: not stored, not acknowledged).
+    pub refused: u64,
+    /// The `Retry-After` of its `507`s, in seconds.
+    pub retry_after: Option<u64>,
+    /// It answered `202` again after its outbox drained.
+    pub accepts_again: bool,
+}
+
+impl fmt::Display for StepReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = |d: Duration| format!("{:.1} s", d.as_secs_f64());
+        match &self.capped {
+            Some(c) => write!(
+                f,
+                "{}: capped sidecar ({} messages) cut off the broker {}: answered 202: {}, \
+                 refused 507: {} (Retry-After: {}), {}; main producer",
+                self.step.fault,
+                thousands(c.limit),
+                secs(self.down),
+                thousands(c.accepted),
+                thousands(c.refused),
+                c.retry_after.map_or("missing".into(), |s| format!("{s} s")),
+                if c.accepts_again {
+                    "accepting again after draining"
+                } else {
+                    "NOT accepting again"
+                }
+            )?,
+            None => {
+                let what = match self.step.fault {
+                    Fault::BrokerKill9 | Fault::BrokerStop => "down",
+                    Fault::ProducerKill9 | Fault::ConsumerKill9 => "dead",
+                    _ => "broken",
+                };
+                write!(f, "{}: {} {what},", self.step.fault, secs(self.down))?;
+            }
+        }
+        write!(
+            f,
+            " publishes answered 202: {}, refused: {}",
+            thousands(self.accepted),
+            thousands(self.refused)
+        )?;
+        if self.unavailable > 0 {
+            write!(
+                f,
+                ", unanswered (sidecar down): {}",
+                thousands(self.unavailable)
+            )?;
+        }
+        write!(
+            f,
+            "; delivery paused {}, {}",
+            secs(self.delivery_paused),
+            if self.resumed {
+                "resumed"
+            } else {
+                "NOT resumed"
+            }
+        )
+    }
+}
+
 // ---------------------------------------------------------------- the rig
 
 /// How to set up a [`Rig`].
@@ -551,9 +822,15 @@ pub struct RigOptions {
     pub producers: usize,
     /// Pause of each producer after a `202`.
     pub pace: Duration,
-    /// `--max-outbox-messages` of the producing sidecar (small, so that a
-    /// broker outage fills it).
-    pub max_outbox_messages: u64,
+    /// `--max-outbox-messages` of the producing sidecar; `None`: the
+    /// sidecar's default (1,000,000 messages, and what the volume holds).
+    pub max_outbox_messages: Option<u64>,
+    /// `--max-outbox-messages` of the second, capped producing sidecar that
+    /// [`Fault::OutboxFull`] fills.
+    pub capped_outbox_messages: u64,
+    /// Play these faults once each, in this order, instead of endless
+    /// seeded rounds of every fault.
+    pub faults: Option<Vec<Fault>>,
     /// Period of the progress line; `None`: no progress line.
     pub progress_every: Option<Duration>,
     pub console: Console,
@@ -567,7 +844,9 @@ impl RigOptions {
             apply: Apply::Library,
             producers: 4,
             pace: Duration::from_millis(4),
-            max_outbox_messages: 2_000,
+            max_outbox_messages: None,
+            capped_outbox_messages: 500,
+            faults: None,
             progress_every: Some(Duration::from_secs(1)),
             console,
         }
@@ -584,13 +863,23 @@ pub struct Rig {
     producer: SidecarProcess,
     consumer: SidecarProcess,
     proxy: Proxy,
+    /// The second, capped producing sidecar and its own proxy, which only
+    /// [`Fault::OutboxFull`] uses and cuts.
+    capped: SidecarProcess,
+    capped_proxy: Proxy,
+    /// What the capped sidecar's publishers saw.
+    capped_stats: Arc<ProduceStats>,
     node: RabbitNode,
+    /// `RabbitMQ 4.0.5 (Erlang 27.3.4)`, from the management API.
+    broker_version: String,
     producers: Option<Producers>,
     progress: Option<JoinHandle<()>>,
     /// What is being done right now, for the progress line.
     current: Arc<Mutex<String>>,
     /// Steps played so far, for reports.
     played: Vec<Step>,
+    /// What each of them did.
+    reports: Vec<StepReport>,
     schedule: Schedule,
     started: Instant,
     _dir: TempDir,
@@ -604,8 +893,16 @@ impl Rig {
         let workload = Workload::from_manifest(&opts.manifest)?;
         console.say("starting a private RabbitMQ node");
         let mut node = tokio::task::block_in_place(RabbitNode::start)?;
+        let broker_version = match node.management_get("/api/overview").await {
+            Ok(v) => format!(
+                "RabbitMQ {} (Erlang {})",
+                v["rabbitmq_version"].as_str().unwrap_or("?"),
+                v["erlang_version"].as_str().unwrap_or("?")
+            ),
+            Err(e) => format!("RabbitMQ, version unknown ({e:#})"),
+        };
         console.say(format!(
-            "broker {} up (AMQP 127.0.0.1:{}, management {})",
+            "broker: {broker_version}, node {} (AMQP 127.0.0.1:{}, management {})",
             node.node_name(),
             node.amqp_port(),
             node.management_url()
@@ -622,16 +919,24 @@ impl Rig {
             node.start_again()
         })?;
         let proxy = Proxy::start(node.amqp_addr()).await;
+        let capped_proxy = Proxy::start(node.amqp_addr()).await;
         let account = Account::new();
         let app = CountingApp::start(account.clone()).await?;
         let dir = tempfile::Builder::new()
             .prefix("warren-scenario-")
             .tempdir()?;
-        let mut producer = SidecarProcess::start(
+        let mut producer_opts =
             SidecarOptions::new(proxy.amqp_url(), dir.path().join("producer-outbox"))
+                .arg("--drain-timeout=2s");
+        if let Some(max) = opts.max_outbox_messages {
+            producer_opts = producer_opts.arg(format!("--max-outbox-messages={max}"));
+        }
+        let mut producer = SidecarProcess::start(producer_opts)?;
+        let mut capped = SidecarProcess::start(
+            SidecarOptions::new(capped_proxy.amqp_url(), dir.path().join("capped-outbox"))
                 .arg(format!(
                     "--max-outbox-messages={}",
-                    opts.max_outbox_messages
+                    opts.capped_outbox_messages
                 ))
                 .arg("--drain-timeout=2s"),
         )?;
@@ -642,11 +947,22 @@ impl Rig {
         )?;
         producer.wait_ready().await?;
         consumer.wait_ready().await?;
+        capped.wait_ready().await?;
         console.say(format!(
-            "producer sidecar {} and consumer sidecar {} ready, both through proxy 127.0.0.1:{}",
+            "producer sidecar {} ({}) and consumer sidecar {} ready, both through proxy 127.0.0.1:{}",
             producer.api_url(),
+            match opts.max_outbox_messages {
+                Some(max) => format!("outbox of {} messages", thousands(max)),
+                None => "default outbox limit".into(),
+            },
             consumer.api_url(),
             proxy.port()
+        ));
+        console.say(format!(
+            "capped producer sidecar {} (outbox of {} messages, for the full-outbox fault) through proxy 127.0.0.1:{}",
+            capped.api_url(),
+            thousands(opts.capped_outbox_messages),
+            capped_proxy.port()
         ));
         let stats = Arc::new(ProduceStats::default());
         let url = format!(
@@ -659,9 +975,21 @@ impl Rig {
             "{} producers publishing to exchange {:?}, routing key {:?}; the consumer delivers queue {:?} to {}",
             opts.producers, workload.exchange, workload.routing_key, workload.queue, app.url
         ));
-        let producers = Producers::start(opts.producers, url, opts.pace, &account, &stats);
+        let producers = Producers::start(
+            opts.producers,
+            "p",
+            url,
+            opts.pace,
+            OnFull::Retry,
+            &account,
+            &stats,
+        );
+        let schedule = match &opts.faults {
+            Some(faults) => Schedule::of(opts.seed, faults),
+            None => Schedule::new(opts.seed),
+        };
         let mut rig = Rig {
-            schedule: Schedule::new(opts.seed),
+            schedule,
             opts,
             workload,
             account,
@@ -670,11 +998,16 @@ impl Rig {
             producer,
             consumer,
             proxy,
+            capped,
+            capped_proxy,
+            capped_stats: Arc::new(ProduceStats::default()),
             node,
+            broker_version,
             producers: Some(producers),
             progress: None,
             current: Arc::new(Mutex::new("warming up".into())),
             played: Vec::new(),
+            reports: Vec::new(),
             started,
             _dir: dir,
         };
@@ -703,15 +1036,22 @@ impl Rig {
         &self.played
     }
 
+    /// `RabbitMQ 4.0.5 (Erlang 27.3.4)`: the broker's version, from its
+    /// management API.
+    pub fn broker_version(&self) -> &str {
+        &self.broker_version
+    }
+
     fn set_current(&self, what: impl Into<String>) {
         *self.current.lock().unwrap() = what.into();
     }
 
     fn spawn_progress(&self, every: Duration) -> JoinHandle<()> {
         let console = self.opts.console.clone();
-        let (account, stats, current) = (
+        let (account, stats, capped_stats, current) = (
             self.account.clone(),
             self.stats.clone(),
+            self.capped_stats.clone(),
             self.current.clone(),
         );
         let outbox_url = format!("{}/v1/outbox", self.producer.api_url());
@@ -737,18 +1077,20 @@ impl Rig {
                 last = (Instant::now(), acked);
                 let report = account.report();
                 console.progress(&format!(
-                    "acked {acked} ({rate:.0}/s) | delivered {} (dup {}) | pending in outbox {pending} | 507s {} | {}",
+                    "acked {acked} ({rate:.0}/s) | delivered {} (dup {}) | pending in outbox {pending} | 507s {} (capped sidecar {}) | {}",
                     report.acked - report.lost,
                     report.duplicated,
                     load(&stats.full),
+                    load(&capped_stats.full),
                     current.lock().unwrap()
                 ));
             }
         })
     }
 
-    /// Play steps of the schedule: `steps` of them, or until `until`,
-    /// whichever comes first (a step that started runs to its end).
+    /// Play steps of the schedule: `steps` of them, or until `until`, or
+    /// until a schedule of given faults ends, whichever comes first (a step
+    /// that started runs to its end).
     pub async fn run(
         &mut self,
         steps: Option<usize>,
@@ -760,8 +1102,10 @@ impl Rig {
         while steps.is_none_or(|n| self.played.len() < n)
             && until.is_none_or(|t| Instant::now() < t)
         {
-            let step = self.schedule.next().expect("the schedule is endless");
-            self.play(step).await.with_context(|| {
+            let Some(step) = self.schedule.next() else {
+                break;
+            };
+            let report = self.play(step).await.with_context(|| {
                 format!(
                     "step {} ({step}), seed {}",
                     self.played.len() + 1,
@@ -769,15 +1113,20 @@ impl Rig {
                 )
             })?;
             self.played.push(step);
+            self.reports.push(report);
         }
         Ok(())
     }
 
-    async fn play(&mut self, step: Step) -> anyhow::Result<()> {
+    async fn play(&mut self, step: Step) -> anyhow::Result<StepReport> {
         let console = self.opts.console.clone();
         let n = self.played.len() + 1;
         console.say(format!("step {n}: {step}"));
         self.set_current(format!("fault: {}", step.fault));
+        let before = Counts::of(&self.stats);
+        let pause = PauseMeter::start(self.app.shared.clone());
+        let injected = Instant::now();
+        let mut capped = None;
         match step.fault {
             Fault::BrokerKill9 => {
                 tokio::task::block_in_place(|| self.node.kill9())?;
@@ -817,25 +1166,12 @@ impl Rig {
                 self.consumer.restart().await?;
             }
             Fault::OutboxFull => {
-                let before = load(&self.stats.full);
-                tokio::task::block_in_place(|| self.node.stop())?;
-                let deadline = Instant::now() + Duration::from_secs(90);
-                while load(&self.stats.full) == before {
-                    if Instant::now() > deadline {
-                        bail!("the outbox did not fill up within 90 s of the broker stopping");
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                console.say(format!(
-                    "  outbox full: publishes answered 507 ({} so far)",
-                    load(&self.stats.full)
-                ));
-                tokio::time::sleep(step.hold).await;
-                self.broker_start()?;
+                capped = Some(self.fill_capped_outbox(step.hold).await?);
             }
         }
+        let down = capped.map_or_else(|| injected.elapsed(), |c| c.cut_off);
         self.set_current(format!("healing: {}", step.fault));
-        let flowing = self.wait_flowing(Duration::from_secs(30)).await;
+        let mut flowing = self.wait_flowing(Duration::from_secs(30)).await;
         if !flowing && step.fault == Fault::BrokerKill9 {
             // RabbitMQ 3.10 sometimes leaves a single-node quorum queue
             // without a leader after SIGKILL ("leader call - leader not
@@ -847,15 +1183,103 @@ impl Rig {
                 self.node.start_again()
             })?;
         }
-        if !flowing && !self.wait_flowing(Duration::from_secs(60)).await {
+        if !flowing {
+            flowing = self.wait_flowing(Duration::from_secs(60)).await;
+        }
+        if !flowing {
             console.say(format!(
                 "  WARNING: messages do not flow after healing {}",
                 step.fault
             ));
         }
+        let during = Counts::of(&self.stats).since(before);
+        let report = StepReport {
+            step,
+            down,
+            accepted: during.acked,
+            refused: during.full,
+            unavailable: during.unavailable,
+            delivery_paused: pause.finish().await,
+            resumed: flowing,
+            capped,
+        };
+        console.say(format!("  {report}"));
         self.set_current("calm");
         tokio::time::sleep(step.pause).await;
-        Ok(())
+        Ok(report)
+    }
+
+    /// [`Fault::OutboxFull`]: cut the capped sidecar off the broker, publish
+    /// to it until it answers `507`, hold that for `hold`, reconnect it and
+    /// publish on until it accepted again and its outbox drained.
+    async fn fill_capped_outbox(&mut self, hold: Duration) -> anyhow::Result<CappedReport> {
+        let console = self.opts.console.clone();
+        let before = Counts::of(&self.capped_stats);
+        let cut = Instant::now();
+        let mut cut_off = Duration::ZERO;
+        self.capped_proxy.refuse().await;
+        self.capped_proxy.cut().await;
+        let url = format!(
+            "{}/v1/publish/{}/{}",
+            self.capped.api_url(),
+            self.workload.exchange,
+            self.workload.routing_key
+        );
+        let publishers = Producers::start(
+            2,
+            "c",
+            url,
+            self.opts.pace,
+            OnFull::Refuse,
+            &self.account,
+            &self.capped_stats,
+        );
+        let result = async {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while load(&self.capped_stats.full) == before.full {
+                if Instant::now() > deadline {
+                    bail!("the capped outbox did not fill up within 60 s of losing the broker");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            console.say(format!(
+                "  capped outbox full ({} messages pending): publishes answered 507 with Retry-After",
+                thousands(self.capped_stats.acked.load(Ordering::Relaxed) - before.acked)
+            ));
+            tokio::time::sleep(hold).await;
+            self.capped_proxy.resume().await;
+            cut_off = cut.elapsed();
+            let healed = Counts::of(&self.capped_stats);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let drained = matches!(
+                    self.capped.outbox().await,
+                    Ok(v) if v["pending"].as_u64() == Some(0)
+                );
+                let accepting = load(&self.capped_stats.acked) > healed.acked;
+                if drained && accepting {
+                    return Ok(true);
+                }
+                if Instant::now() > deadline {
+                    return Ok(false);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        .await;
+        publishers.stop().await;
+        self.capped_proxy.resume().await;
+        let accepts_again = result?;
+        let during = Counts::of(&self.capped_stats).since(before);
+        let retry_after = load(&self.capped_stats.retry_after);
+        Ok(CappedReport {
+            cut_off,
+            limit: self.opts.capped_outbox_messages,
+            accepted: during.acked,
+            refused: during.full,
+            retry_after: (retry_after > 0).then_some(retry_after),
+            accepts_again,
+        })
     }
 
     fn broker_start(&mut self) -> anyhow::Result<()> {
@@ -887,10 +1311,11 @@ impl Rig {
         let console = self.opts.console.clone();
         self.set_current("settling");
         self.proxy.resume().await;
+        self.capped_proxy.resume().await;
         if !self.node.is_running() {
             self.broker_start()?;
         }
-        for sidecar in [&mut self.producer, &mut self.consumer] {
+        for sidecar in [&mut self.producer, &mut self.consumer, &mut self.capped] {
             if !sidecar.is_running() {
                 sidecar.restart().await?;
             }
@@ -912,6 +1337,7 @@ impl Rig {
             p.abort();
         }
         let report = self.account.report();
+        let refused_ids = self.capped_stats.refused_ids.lock().unwrap().clone();
         let pending = self
             .producer
             .outbox()
@@ -925,10 +1351,15 @@ impl Rig {
             unacked_attempts: load(&self.stats.unacked_attempts),
             full: load(&self.stats.full),
             unavailable: load(&self.stats.unavailable),
-            other_status: load(&self.stats.other),
+            other_status: load(&self.stats.other) + load(&self.capped_stats.other),
+            refused: refused_ids.len() as u64,
+            refused_delivered: self.account.received_among(&refused_ids),
+            full_without_retry_after: load(&self.stats.full_without_retry_after)
+                + load(&self.capped_stats.full_without_retry_after),
             lost_ids: self.account.lost_ids(),
             corrupted: self.app.shared.corrupted.lock().unwrap().clone(),
             played: self.played.clone(),
+            reports: self.reports.clone(),
             elapsed: self.started.elapsed(),
             producer_outbox: pending,
         })
@@ -956,19 +1387,31 @@ pub struct Outcome {
     pub report: AccountReport,
     /// Acknowledged ids received at least once.
     pub delivered: u64,
-    /// Publishes not answered `202` (and published again).
+    /// The main producers' publishes not answered `202` (and published
+    /// again).
     pub unacked_attempts: u64,
-    /// Of which `507` (outbox full).
+    /// Of which `507` (outbox full; with the default limit: 0).
     pub full: u64,
     /// Of which `503` or no answer (sidecar down).
     pub unavailable: u64,
-    /// Of which any other status (should be 0).
+    /// Publishes of any producer answered with any other status (should
+    /// be 0).
     pub other_status: u64,
+    /// Messages the capped sidecar refused with `507` during
+    /// [`Fault::OutboxFull`]: not acknowledged, so not lost.
+    pub refused: u64,
+    /// Of which received by the app (should be none: a `507` stores
+    /// nothing).
+    pub refused_delivered: Vec<String>,
+    /// `507`s without `Retry-After` (should be 0).
+    pub full_without_retry_after: u64,
     /// Acknowledged, never received.
     pub lost_ids: Vec<String>,
     /// Received with a body other than the one published.
     pub corrupted: Vec<String>,
     pub played: Vec<Step>,
+    /// What each step did.
+    pub reports: Vec<StepReport>,
     pub elapsed: Duration,
     /// The producing sidecar's `GET /v1/outbox` at the end.
     pub producer_outbox: String,
@@ -980,6 +1423,7 @@ impl fmt::Display for Outcome {
         write!(
             f,
             "account: acknowledged={} delivered={} duplicated={} lost={} unexpected={} \
+             refused={} (507, not acknowledged; delivered anyway: {}) \
              unacked_attempts={} (507={} unavailable={} other={}) corrupted={} faults={} \
              duration={:.0}s seed={}",
             r.acked,
@@ -987,6 +1431,8 @@ impl fmt::Display for Outcome {
             r.duplicated,
             r.lost,
             r.unexpected,
+            self.refused,
+            self.refused_delivered.len(),
             self.unacked_attempts,
             self.full,
             self.unavailable,
@@ -1000,6 +1446,15 @@ impl fmt::Display for Outcome {
 }
 
 impl Outcome {
+    /// What each step did, one per line.
+    pub fn effects_text(&self) -> String {
+        self.reports
+            .iter()
+            .enumerate()
+            .map(|(i, r)| format!("  {}. {r}\n", i + 1))
+            .collect()
+    }
+
     /// The steps played, one per line.
     pub fn schedule_text(&self) -> String {
         self.played
@@ -1090,6 +1545,73 @@ mod tests {
     }
 
     #[test]
+    fn a_schedule_of_given_faults_plays_them_once_in_order() {
+        let faults = [Fault::OutboxFull, Fault::BrokerKill9];
+        let steps: Vec<Step> = Schedule::of(9, &faults).collect();
+        assert_eq!(
+            steps.iter().map(|s| s.fault).collect::<Vec<_>>(),
+            faults.to_vec()
+        );
+        let again: Vec<Step> = Schedule::of(9, &faults).collect();
+        assert_eq!(steps, again);
+    }
+
+    #[test]
+    fn faults_parse_from_their_names() {
+        for f in Fault::ALL {
+            assert_eq!(f.name().parse::<Fault>(), Ok(f));
+        }
+        let err = "broker-kill".parse::<Fault>().unwrap_err();
+        assert!(err.contains("broker-kill9, broker-stop"), "{err}");
+    }
+
+    #[test]
+    fn a_step_report_says_what_the_fault_did() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(8_200), "8,200");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        let step = Step {
+            fault: Fault::BrokerKill9,
+            hold: Duration::from_secs(2),
+            pause: Duration::from_secs(1),
+        };
+        let mut r = StepReport {
+            step,
+            down: Duration::from_millis(4_140),
+            accepted: 8_200,
+            refused: 0,
+            unavailable: 0,
+            delivery_paused: Duration::from_millis(4_330),
+            resumed: true,
+            capped: None,
+        };
+        assert_eq!(
+            r.to_string(),
+            "broker kill -9: 4.1 s down, publishes answered 202: 8,200, refused: 0; \
+             delivery paused 4.3 s, resumed"
+        );
+        r.step.fault = Fault::OutboxFull;
+        r.capped = Some(CappedReport {
+            cut_off: Duration::from_millis(3_200),
+            limit: 500,
+            accepted: 530,
+            refused: 12,
+            retry_after: Some(5),
+            accepts_again: true,
+        });
+        r.down = Duration::from_millis(3_200);
+        r.delivery_paused = Duration::from_millis(100);
+        assert_eq!(
+            r.to_string(),
+            "outbox full: capped sidecar (500 messages) cut off the broker 3.2 s: \
+             answered 202: 530, refused 507: 12 (Retry-After: 5 s), accepting again after \
+             draining; main producer publishes answered 202: 8,200, refused: 0; \
+             delivery paused 0.1 s, resumed"
+        );
+    }
+
+    #[test]
     fn the_example_manifest_gives_the_workload_and_consumer_config() {
         let w = Workload::from_manifest(&example_manifest()).unwrap();
         assert_eq!(
@@ -1122,9 +1644,13 @@ mod tests {
             full: 0,
             unavailable: 0,
             other_status: 0,
+            refused: 0,
+            refused_delivered: Vec::new(),
+            full_without_retry_after: 0,
             lost_ids: account.lost_ids(),
             corrupted: Vec::new(),
             played: Schedule::new(1234).take(2).collect(),
+            reports: Vec::new(),
             elapsed: Duration::from_secs(1),
             producer_outbox: String::new(),
         };
