@@ -548,3 +548,74 @@ async fn management_over_https_needs_the_right_ca() {
         .unwrap_err();
     println!("plain: {err}");
 }
+
+/// RabbitMQ 4 gives quorum queues a delivery limit of 20 by default: a
+/// message handed back (nack with requeue) more often than that is
+/// dead-lettered. The work queue's policy dead-letters into its parking lot,
+/// so such a message is parked, never dropped — on 3.10 (no default limit)
+/// as soon as the spec's own limit is passed, on 4.x at the broker's default
+/// as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_handed_back_past_the_delivery_limit_is_parked_not_dropped() {
+    use futures::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicNackOptions};
+
+    let (node, broker) = start().await;
+    let version = tokio::task::block_in_place(|| node.version()).unwrap();
+    let mut s = spec();
+    // No limit of Warren's own on 4.x: the broker's default applies.
+    let on_4 = !version.starts_with("3.");
+    s.queue.delivery_limit = if on_4 { None } else { Some(5) };
+    let t = plan("orders", &s, &policy()).unwrap();
+    let report = apply(&broker, &t).await;
+    assert!(report.conflicts.is_empty(), "{:?}", report.conflicts);
+    publish(&node, "order.created", 1).await;
+
+    let conn = Connection::connect(&node.amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut deliveries = ch
+        .basic_consume(
+            "orders".into(),
+            "hand-back".into(),
+            BasicConsumeOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let mut handed_back = 0;
+    while handed_back < 100 {
+        match tokio::time::timeout(Duration::from_secs(3), deliveries.next()).await {
+            Ok(Some(Ok(d))) => {
+                d.nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+                handed_back += 1;
+            }
+            // No more deliveries: the broker stopped handing it out.
+            Err(_) => break,
+            Ok(other) => panic!("consumer ended: {other:?}"),
+        }
+    }
+    let _ = conn.close(200, "done".into()).await;
+    println!("RabbitMQ {version}: handed back {handed_back} times");
+    let limit = if on_4 { 20 } else { 5 };
+    assert!(
+        (limit..=limit + 1).contains(&handed_back),
+        "handed back {handed_back} times before the limit of {limit} took it away"
+    );
+    let mut parked = 0;
+    for _ in 0..50 {
+        parked = node.queue_message_count("orders.parked").await.unwrap();
+        if parked == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(parked, 1, "the message went to the parking lot");
+    assert_eq!(node.queue_message_count("orders").await.unwrap(), 0);
+}

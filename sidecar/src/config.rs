@@ -698,6 +698,27 @@ mod tests {
         assert_eq!(c.broker_url, "amqp://u:p@h:5672/orders?heartbeat=5");
         let c = parts(&["--broker-connection-string=amqp://u:p@h"]);
         assert_eq!(c.broker_url, "amqp://u:p@h");
+        // A cluster's nodes: each host gets the port, each URL the vhost.
+        let c = parts(&[
+            "--broker-host=r0, r1,r2:5673",
+            "--broker-port=5672",
+            "--broker-username=u",
+            "--broker-password=p",
+            "--broker-vhost=orders",
+        ]);
+        assert_eq!(
+            crate::broker::parse_urls(&c.broker_url).unwrap(),
+            [
+                "amqp://u:p@r0:5672/orders",
+                "amqp://u:p@r1:5672/orders",
+                "amqp://u:p@r2:5673/orders"
+            ]
+        );
+        let c = parts(&[
+            "--broker-url=amqp://u:p@a:1/x,amqp://v:q@b:2/y",
+            "--broker-vhost=orders",
+        ]);
+        assert_eq!(c.broker_url, "amqp://u:p@a:1/orders,amqp://v:q@b:2/orders");
         // An explicit --broker-url wins over everything.
         let c = parts(&["--broker-url=amqp://x", "--broker-uri=amqp://y"]);
         assert_eq!(c.broker_url, "amqp://x");
