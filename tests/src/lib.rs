@@ -39,6 +39,7 @@ pub mod operator;
 pub mod ports;
 pub mod postgres;
 pub mod proxy;
+pub mod rabbit_cluster;
 pub mod scenario;
 pub mod sidecar;
 pub mod tls;
@@ -50,6 +51,7 @@ pub use node::{NodeOptions, RabbitNode};
 pub use ports::{PortReservation, free_port, reserve_port};
 pub use postgres::PgCluster;
 pub use proxy::Proxy;
+pub use rabbit_cluster::RabbitCluster;
 pub use sidecar::{SidecarOptions, SidecarProcess, sidecar_bin};
 pub use tls::TestCa;
 

@@ -388,7 +388,12 @@ impl Workload {
     }
 
     /// Declare the topology on `node` as `how` says; returns what was shown.
-    async fn apply(&self, how: &Apply, node: &RabbitNode, console: &Console) -> anyhow::Result<()> {
+    pub async fn apply(
+        &self,
+        how: &Apply,
+        node: &RabbitNode,
+        console: &Console,
+    ) -> anyhow::Result<()> {
         match how {
             Apply::Library => {
                 let broker = Broker::new(&node.management_url(), "guest", "guest")?;
