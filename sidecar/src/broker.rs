@@ -5,9 +5,11 @@
 //! the broker's own words.
 //!
 //! # Failover
-//! Given several addresses, a connection attempt tries them in turn, starting
-//! with the one after the node last lost, so a node that went away is tried
-//! last; only when none answers does the loop back off. Quorum queues and
+//! Given several addresses, a round of connection attempts tries them in
+//! turn, starting with the one after the node last lost, so a node that went
+//! away is tried last. After a lost connection the next round follows the
+//! schedule's first (short) delay; rounds in which no address answers back
+//! off further. Quorum queues and
 //! their messages live on a majority of nodes, so any node reached serves the
 //! same queues.
 
@@ -258,7 +260,7 @@ pub trait Link: Send {
 }
 
 /// Connects, runs sessions and reconnects with backoff until `stop` is
-/// cancelled. After a lost connection the next attempt starts with the next
+/// cancelled. After a lost connection the next round starts with the next
 /// address, so a cluster node that went away is tried last.
 pub async fn stay_connected<L: Link>(
     settings: &BrokerSettings,
@@ -287,11 +289,10 @@ pub async fn stay_connected<L: Link>(
                     Ok(()) => break,
                     Err(e) => {
                         link.lost(&broker, &e);
+                        // Another node may well be up: the next round starts
+                        // with it, after the schedule's first (short) delay,
+                        // so a session that fails at once cannot spin.
                         first = (broker.index + 1) % settings.urls.len().max(1);
-                        // Another node may well be up: try it at once.
-                        if settings.urls.len() > 1 {
-                            continue;
-                        }
                     }
                 }
             }
