@@ -34,6 +34,7 @@
 pub mod account;
 pub mod app;
 pub mod cluster;
+pub mod docs;
 pub mod node;
 pub mod operator;
 pub mod ports;
