@@ -4,6 +4,8 @@
 
 use std::process::Command;
 
+use warren_testkit::docs;
+
 const FIGURES: &[&str] = &[
     "fsync_per_s",
     "direct_sync_msgs_per_s",
@@ -37,14 +39,22 @@ const FIGURES: &[&str] = &[
 #[test]
 fn quick_run_reports_every_figure_and_target() {
     let sidecar = warren_testkit::sidecar_bin().expect("warren-sidecar binary");
+    // The smoke run docs/benchmark.md shows, with the binary that
+    // `scripts/bench` builds and runs, smaller sizes and a JSON report.
+    let documented = docs::command("docs/benchmark.md", "scripts/bench --quick");
+    let args: Vec<&str> = documented
+        .strip_prefix("scripts/bench")
+        .expect("scripts/bench")
+        .split_whitespace()
+        .collect();
+    assert!(args.contains(&"--quick"), "{documented}");
     let out = Command::new(env!("CARGO_BIN_EXE_warren-bench"))
+        .args(&args)
         .args([
-            "--quick",
             "--json",
             "--messages=3000",
             "--buffered=10000",
             "--batch-size=500",
-            "--engines=segment",
         ])
         .arg(format!("--sidecar-bin={}", sidecar.display()))
         .output()

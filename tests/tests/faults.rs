@@ -7,13 +7,12 @@
 //! start and in every failure); `WARREN_SOAK_DURATION=30m` plays faults for
 //! that long instead of one round of every fault (`scripts/soak`).
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use warren_crds::duration::HumanDuration;
-use warren_testkit::init_tracing;
 use warren_testkit::scenario::{Console, Fault, Rig, RigOptions, seed_from_env};
 use warren_testkit::sidecar::{sidecar_bin, workspace_bin};
+use warren_testkit::{docs, init_tracing};
 
 fn soak_duration() -> Option<Duration> {
     let s = std::env::var("WARREN_SOAK_DURATION").ok()?;
@@ -83,8 +82,8 @@ async fn a_seeded_schedule_of_faults_loses_no_acknowledged_message() {
     }
 }
 
-/// `warren-demo --faults broker-kill9,broker-stop,outbox-full`, as
-/// `scripts/demo` runs it: the header names the broker's version; through
+/// The README's `scripts/demo`, with `--faults
+/// broker-kill9,broker-stop,outbox-full`: the header names the broker's version; through
 /// both broker outages publishes are still answered 202 (no 507 from the
 /// main producer, whose outbox has a realistic limit); the full outbox,
 /// played on its own by the capped sidecar, answers 507 with
@@ -93,20 +92,28 @@ async fn a_seeded_schedule_of_faults_loses_no_acknowledged_message() {
 /// nothing.
 #[test]
 fn the_demo_rides_out_broker_outages_and_shows_the_full_outbox_on_its_own() {
-    let demo = env!("CARGO_BIN_EXE_warren-demo");
-    let operator = workspace_bin("warren-operator", "warren-operator").unwrap();
-    let sidecar = sidecar_bin().unwrap();
+    let demo = docs::command("README.md", "scripts/demo");
+    assert_eq!(demo, docs::command("docs/testing.md", "scripts/demo"));
+    let mut run = docs::bash(&format!(
+        "{demo} --faults broker-kill9,broker-stop,outbox-full"
+    ));
+    // The script builds the binaries it runs; `cargo test` holds the build
+    // lock while tests run, so there it runs the binaries built already.
+    if std::env::var_os("NEXTEST_RUN_ID").is_none() {
+        workspace_bin("warren-operator", "warren-operator").unwrap();
+        sidecar_bin().unwrap();
+        run.env("WARREN_DEMO_PREBUILT", "1");
+    }
     let started = Instant::now();
-    let out = Command::new(demo)
-        .args(["--faults", "broker-kill9,broker-stop,outbox-full"])
-        .env("WARREN_OPERATOR_BIN", operator)
-        .env("WARREN_SIDECAR_BIN", sidecar)
-        .output()
-        .expect("running warren-demo");
+    let out = run.output().expect("running scripts/demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}");
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "warren-demo failed: {:?}", out.status);
+    assert!(
+        out.status.success(),
+        "scripts/demo failed: {:?}",
+        out.status
+    );
 
     let header = stdout
         .lines()
