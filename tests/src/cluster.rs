@@ -558,6 +558,36 @@ impl ControlPlane {
         cmd
     }
 
+    /// `bash -c SCRIPT` in the repository, as a reader runs a documented
+    /// command against this plane: the plane's kubectl and helm first on
+    /// `PATH`, and `KUBECONFIG`, `HOME` and helm's homes as [`Self::kubectl`]
+    /// and [`Self::helm`] set them.
+    pub fn shell(&self, script: &str) -> Command {
+        let home = self.root.join("helm");
+        let path = match std::env::var_os("PATH") {
+            Some(p) => {
+                let mut dirs = vec![self.tools.clone()];
+                dirs.extend(std::env::split_paths(&p));
+                std::env::join_paths(dirs).unwrap_or(p)
+            }
+            None => self.tools.clone().into_os_string(),
+        };
+        let mut cmd = crate::docs::bash(script);
+        cmd.env("PATH", path)
+            .env("KUBECONFIG", self.kubeconfig())
+            .env("HOME", self.root.join("home"))
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"));
+        cmd
+    }
+
+    /// Run [`Self::shell`] of `script`; its stdout, or an error with its
+    /// stderr.
+    pub fn shell_ok(&self, script: &str) -> anyhow::Result<String> {
+        run(&mut self.shell(script), "bash -c", &[script])
+    }
+
     /// Run `kubectl ARGS` as the admin; its stdout, or an error with its
     /// stderr (the API server's own words).
     pub fn kubectl_ok(&self, args: &[&str]) -> anyhow::Result<String> {

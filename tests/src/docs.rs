@@ -153,6 +153,25 @@ pub fn block_commands(doc: &str, prefix: &str) -> Vec<String> {
     }
 }
 
+/// The commands of the one `sh` block of `doc` that has a command starting
+/// with `prefix`, in order: for blocks that start alike (two blocks of
+/// `docs/cluster.md` start the control plane).
+pub fn block_with(doc: &str, prefix: &str) -> Vec<String> {
+    let found: Vec<Vec<String>> = blocks(&read(doc))
+        .into_iter()
+        .filter(|b| b.lang == "sh")
+        .map(|b| shell_commands(&b.text))
+        .filter(|cs| cs.iter().any(|c| c.starts_with(prefix)))
+        .collect();
+    match found.as_slice() {
+        [one] => one.clone(),
+        [] => panic!("{doc} has no sh block with a command starting with {prefix:?}"),
+        many => {
+            panic!("{doc} has several sh blocks with a command starting with {prefix:?}: {many:?}")
+        }
+    }
+}
+
 /// `bash -c SCRIPT` in the repository, as a reader would run a documented
 /// command from its root.
 pub fn bash(script: &str) -> std::process::Command {

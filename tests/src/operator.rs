@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use crate::cluster::ControlPlane;
+use crate::docs;
 use crate::node::{spawn_tied_to_process, tail_lines};
 use crate::ports::{PortReservation, reserve_port};
 use crate::sidecar::workspace_bin;
@@ -36,39 +37,62 @@ pub struct Installed {
     pub webhook_port: PortReservation,
 }
 
-/// `helm install` the chart of this repository into `plane` (namespace
-/// [`NAMESPACE`], release [`RELEASE`]) with the webhook reached through
-/// `localhost`, plus `values` (`key=value` as for `--set`). Waits until the
-/// CRDs are established.
+/// `helm install` the chart of this repository into `plane` with the
+/// command of `docs/install.md` (and of `README.md`, which must say the
+/// same) as it is written there, which installs release [`RELEASE`] into
+/// namespace [`NAMESPACE`], plus `--set` values that reach the webhook
+/// through `localhost` and `values` (`key=value` as for `--set`). Then the
+/// documented `kubectl wait` for the CRDs to be established, with a
+/// timeout.
 pub fn install_chart(plane: &ControlPlane, values: &[&str]) -> anyhow::Result<Installed> {
+    let install = docs::command("docs/install.md", "helm install warren charts/warren");
+    let readme = docs::command("README.md", "helm install warren charts/warren");
+    anyhow::ensure!(
+        install == readme,
+        "README.md and docs/install.md install differently:\n  {readme}\n  {install}"
+    );
+    check_release_and_namespace(&install)?;
     let webhook_port = reserve_port()?;
-    let chart = repo_root().join("charts/warren");
+    let mut script = install;
     let port = format!("webhook.servicePort={}", webhook_port.port());
-    let mut args = vec![
-        "install",
-        RELEASE,
-        chart.to_str().context("chart path")?,
-        "--namespace",
-        NAMESPACE,
-        "--create-namespace",
-        "--set",
-        "webhook.externalName=localhost",
-        "--set",
-        &port,
-    ];
-    for v in values {
-        args.push("--set");
-        args.push(v);
+    for v in ["webhook.externalName=localhost", port.as_str()]
+        .into_iter()
+        .chain(values.iter().copied())
+    {
+        script.push_str(" --set ");
+        script.push_str(&shell_quote(v));
     }
-    plane.helm_ok(&args)?;
-    plane.kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/reliablequeues.warren.dev",
-        "crd/retrypolicies.warren.dev",
-    ])?;
+    plane.shell_ok(&script)?;
+    let wait = docs::command("docs/install.md", "kubectl wait");
+    plane.shell_ok(&format!("{wait} --timeout=60s"))?;
     Ok(Installed { webhook_port })
+}
+
+/// Fails unless the documented `helm install` names release [`RELEASE`]
+/// and namespace [`NAMESPACE`], which the tests and the operator's
+/// defaults assume.
+fn check_release_and_namespace(install: &str) -> anyhow::Result<()> {
+    let words: Vec<&str> = install.split_whitespace().collect();
+    let release = words.get(2).copied().unwrap_or_default();
+    let namespace = words.iter().enumerate().find_map(|(i, w)| {
+        if *w == "--namespace" || *w == "-n" {
+            words.get(i + 1).copied()
+        } else {
+            w.strip_prefix("--namespace=")
+        }
+    });
+    anyhow::ensure!(
+        release == RELEASE && namespace == Some(NAMESPACE),
+        "the documented `{install}` must install release {RELEASE} into namespace \
+         {NAMESPACE} (the tests and the operator's defaults assume them); it names release \
+         {release:?} and namespace {namespace:?}"
+    );
+    Ok(())
+}
+
+/// `value` quoted for bash.
+fn shell_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
 }
 
 /// Wait until the chart's MutatingWebhookConfiguration carries a CA bundle

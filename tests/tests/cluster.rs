@@ -22,7 +22,7 @@ use warren_testkit::cluster::ControlPlane;
 use warren_testkit::operator::{
     NAMESPACE, OperatorProcess, install_chart, repo_root, wait_for_ca_bundle,
 };
-use warren_testkit::{RabbitNode, init_tracing};
+use warren_testkit::{RabbitNode, docs, init_tracing};
 
 /// Poll `f` every 500 ms until it returns `Some`, or panic after `timeout`
 /// with `what` and the last value seen.
@@ -162,14 +162,28 @@ async fn chart_installs_and_the_api_server_enforces_the_crds() {
         .kubectl_ok(&["get", "mutatingwebhookconfiguration", "warren"])
         .expect("the webhook configuration");
 
+    // README's first queue and app, with its command as written.
+    let first = docs::command("README.md", "kubectl apply -f examples/orders.yaml");
+    let out = plane
+        .shell_ok(&first)
+        .unwrap_or_else(|e| panic!("{first}: {e:#}"));
+    for created in [
+        "reliablequeue.warren.dev/orders created",
+        "deployment.apps/orders-api created",
+    ] {
+        assert!(out.contains(created), "{first}: no {created:?} in {out}");
+    }
+
     // Every example is accepted as it is (the Deployment and StatefulSet
-    // too: their pods are what the webhook sees, not the workloads).
+    // too: their pods are what the webhook sees, not the workloads); the
+    // README's are there already.
     let examples = repo_root().join("examples");
     let out = plane
         .kubectl_ok(&["apply", "-f", examples.to_str().unwrap()])
         .expect("kubectl apply -f examples/");
     assert!(
-        out.contains("reliablequeue.warren.dev/orders created"),
+        out.contains("reliablequeue.warren.dev/orders unchanged")
+            || out.contains("reliablequeue.warren.dev/orders configured"),
         "{out}"
     );
     assert!(out.contains("retrypolicy.warren.dev/"), "{out}");
@@ -1033,71 +1047,297 @@ async fn a_named_claim_drains_only_when_idle_since_its_release_and_is_refused_wh
     assert_eq!(claim_of(&pod).as_deref(), Some(claim_name), "{pod}");
 }
 
+/// The control plane's processes a `pids` file lists (`<pid> <name>`
+/// lines), among other output.
+fn plane_pids(text: &str) -> Vec<u32> {
+    text.lines()
+        .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            [pid, "etcd" | "kube-apiserver" | "kube-controller-manager"] => pid.parse().ok(),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Runs `scripts/cluster down` for `dir` on drop if a plane still runs
+/// there (a documented block that failed before its own `down`).
+struct ClusterDown<'a> {
+    dir: &'a Path,
+    bin: &'a Path,
+}
+
+impl Drop for ClusterDown<'_> {
+    fn drop(&mut self) {
+        if self.dir.join("pids").exists() {
+            let _ = docs::bash("bash scripts/cluster down")
+                .env("WARREN_CLUSTER_DIR", self.dir)
+                .env("WARREN_CLUSTER_BIN", self.bin)
+                .status();
+        }
+    }
+}
+
 #[test]
 fn scripts_cluster_up_and_down() {
     init_tracing();
     let state = tempfile::tempdir().unwrap();
     let dir = state.path().join("cluster");
-    let script = repo_root().join("scripts/cluster");
     let bin = warren_testkit::sidecar::workspace_bin("warren-testkit", "warren-cluster").unwrap();
-    let run = |verb: &str| {
-        let out = std::process::Command::new("bash")
-            .arg(&script)
-            .arg(verb)
-            .env("WARREN_CLUSTER_DIR", &dir)
-            .env("WARREN_CLUSTER_BIN", &bin)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "scripts/cluster {verb}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (
-            String::from_utf8(out.stdout).unwrap(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+    let _down = ClusterDown {
+        dir: &dir,
+        bin: &bin,
     };
-    let (exports, _) = run("up");
-    let kubeconfig = exports
-        .lines()
-        .find_map(|l| l.strip_prefix("export KUBECONFIG="))
-        .unwrap_or_else(|| panic!("no KUBECONFIG export in {exports:?}"));
-    let tools = exports
-        .lines()
-        .find_map(|l| l.strip_prefix("export PATH="))
-        .and_then(|p| p.strip_suffix(":$PATH"))
-        .unwrap_or_else(|| panic!("no PATH export in {exports:?}"));
-    let pids: Vec<u32> = std::fs::read_to_string(dir.join("pids"))
-        .unwrap()
-        .lines()
-        .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
-        .collect();
+    // docs/cluster.md's first block as written; the test only adds the
+    // recorded pids after `up`, to check them once `down` has run.
+    let mut block = docs::block_with("docs/cluster.md", "scripts/cluster down");
+    assert_eq!(block[0], r#"eval "$(scripts/cluster up)""#, "{block:?}");
+    assert_eq!(
+        block.last().map(String::as_str),
+        Some("scripts/cluster down"),
+        "{block:?}"
+    );
+    block.insert(1, r#"cat "$WARREN_CLUSTER_DIR/pids""#.to_string());
+    let script = format!("set -euo pipefail\n{}\n", block.join("\n"));
+    let out = docs::bash(&script)
+        .env("WARREN_CLUSTER_DIR", &dir)
+        .env("WARREN_CLUSTER_BIN", &bin)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    let pids = plane_pids(&stdout);
     assert_eq!(
         pids.len(),
         3,
-        "etcd, kube-apiserver, kube-controller-manager"
+        "etcd, kube-apiserver, kube-controller-manager in {stdout}"
     );
-    let readyz = std::process::Command::new(Path::new(tools).join("kubectl"))
-        .args(["get", "--raw", "/readyz"])
-        .env("KUBECONFIG", kubeconfig)
-        .output()
-        .unwrap();
-    let answer = String::from_utf8_lossy(&readyz.stdout);
-    let down = || run("down");
-    if answer.trim() != "ok" {
-        down();
-        panic!("/readyz answered {answer:?}");
-    }
-    let (_, stopped) = down();
+    assert!(
+        // `kubectl get --raw` prints the body without a newline.
+        stdout.lines().any(|l| l.starts_with("ok")),
+        "no ok from /readyz in {stdout}"
+    );
+    assert!(
+        stdout.lines().any(|l| l.starts_with("default ")),
+        "no namespace default in {stdout}"
+    );
     for pid in &pids {
         assert!(
             !Path::new(&format!("/proc/{pid}")).exists()
                 || std::fs::read_to_string(format!("/proc/{pid}/stat"))
                     .is_ok_and(|s| s.contains(") Z ")),
-            "pid {pid} still runs after down: {stopped}"
+            "pid {pid} still runs after down: {stderr}"
         );
     }
+    assert!(!dir.exists(), "scripts/cluster down removes its directory");
+}
+
+/// A documented script running in its own process group, with a control
+/// plane from `scripts/cluster up` in `dir`. On drop: SIGTERM to the
+/// group, SIGKILL after 10 s, then `scripts/cluster down`.
+struct DocScript {
+    child: Option<std::process::Child>,
+    log: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    bin: std::path::PathBuf,
+}
+
+impl DocScript {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Panics with the script's output if it has exited.
+    fn assert_running(&mut self) {
+        let child = self.child.as_mut().expect("the script was started");
+        if let Some(status) = child.try_wait().unwrap() {
+            self.child = None;
+            panic!("the documented script exited ({status}):\n{}", self.log());
+        }
+    }
+
+    fn group_alive(pgid: libc::pid_t) -> bool {
+        // SAFETY: signal 0 only checks that the group has a process.
+        unsafe { libc::kill(-pgid, 0) == 0 }
+    }
+}
+
+impl Drop for DocScript {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("output of the documented script:\n{}", self.log());
+        }
+        if let Some(mut child) = self.child.take() {
+            let pgid = child.id() as libc::pid_t;
+            // SAFETY: signals to the process group this test created.
+            unsafe {
+                libc::kill(-pgid, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut reaped = false;
+            while Instant::now() < deadline {
+                reaped = reaped || child.try_wait().is_ok_and(|s| s.is_some());
+                if reaped && !Self::group_alive(pgid) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            // SAFETY: as above.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+            let _ = child.wait();
+        }
+        if self.dir.join("pids").exists() {
+            let _ = docs::bash("bash scripts/cluster down")
+                .env("WARREN_CLUSTER_DIR", &self.dir)
+                .env("WARREN_CLUSTER_BIN", &self.bin)
+                .status();
+        }
+    }
+}
+
+/// `script` with `from` replaced by `to`; panics if `script` does not
+/// contain `from` (the document changed under the test).
+fn substitute(script: &str, from: &str, to: &str) -> String {
+    assert!(
+        script.contains(from),
+        "the documented commands no longer contain {from:?}:\n{script}"
+    );
+    script.replace(from, to)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_runs_against_a_local_plane_as_docs_cluster_md_shows() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cluster");
+    let helm = tmp.path().join("helm");
+    let cluster_bin =
+        warren_testkit::sidecar::workspace_bin("warren-testkit", "warren-cluster").unwrap();
+    let operator_bin =
+        warren_testkit::sidecar::workspace_bin("warren-operator", "warren-operator").unwrap();
+    let webhook = warren_testkit::reserve_port().unwrap();
+    let admin = warren_testkit::reserve_port().unwrap();
+
+    // The section "Run the operator against it": its two blocks, as one
+    // script. Only what a test must change is changed: the ports, /tmp/,
+    // and the operator built already instead of `cargo run`.
+    let mut commands = docs::block_with("docs/cluster.md", "helm install warren charts/warren");
+    assert_eq!(
+        commands[0], r#"eval "$(scripts/cluster up)""#,
+        "{commands:?}"
+    );
+    commands.extend(docs::block_commands(
+        "docs/cluster.md",
+        "kubectl create token warren",
+    ));
+    let script = format!("set -euo pipefail\n{}\n", commands.join("\n"));
+    let script = substitute(&script, "9443", &webhook.port().to_string());
+    let script = substitute(&script, "8080", &admin.port().to_string());
+    let script = substitute(&script, "/tmp/", &format!("{}/", tmp.path().display()));
+    // Last, so that nothing above rewrites the binary's path.
+    let script = substitute(
+        &script,
+        "cargo run -p warren-operator --",
+        &format!("'{}'", operator_bin.display()),
+    );
+    assert!(
+        script.trim_end().ends_with(" run"),
+        "the section ends with the operator in the foreground:\n{script}"
+    );
+
+    let log = tmp.path().join("script.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut cmd = docs::bash(&script);
+    cmd.env("WARREN_CLUSTER_DIR", &dir)
+        .env("WARREN_CLUSTER_BIN", &cluster_bin)
+        .env("HELM_CACHE_HOME", helm.join("cache"))
+        .env("HELM_CONFIG_HOME", helm.join("config"))
+        .env("HELM_DATA_HOME", helm.join("data"))
+        .env_remove("KUBECONFIG")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out);
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut running = DocScript {
+        child: Some(cmd.spawn().expect("bash")),
+        log,
+        dir: dir.clone(),
+        bin: cluster_bin.clone(),
+    };
+
+    // The operator in the foreground: ready once /readyz answers 200.
+    let readyz = format!("http://127.0.0.1:{}/readyz", admin.port());
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        running.assert_running();
+        if reqwest::get(&readyz)
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{readyz} did not answer 200 within 90 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    let tools = warren_testkit::cluster::k8s_tools_dir().unwrap();
+    // As the admin (the kubeconfig `up` wrote), not as the operator.
+    let admin_kubectl = |args: &[&str]| -> Result<String, String> {
+        let out = std::process::Command::new(tools.join("kubectl"))
+            .args(args)
+            .env("KUBECONFIG", dir.join("kubeconfig"))
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    eventually(
+        Duration::from_secs(30),
+        "the operator's CA in the webhook configuration",
+        || {
+            let bundle = admin_kubectl(&[
+                "get",
+                "mutatingwebhookconfiguration",
+                "warren",
+                "-o",
+                "jsonpath={.webhooks[0].clientConfig.caBundle}",
+            ])?;
+            if bundle.trim().is_empty() {
+                return Err("empty caBundle".into());
+            }
+            Ok(())
+        },
+    );
+    eventually(Duration::from_secs(30), "dev holding the Lease", || {
+        let holder = admin_kubectl(&[
+            "get",
+            "lease",
+            "warren-operator",
+            "-n",
+            NAMESPACE,
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])?;
+        if holder != "dev" {
+            return Err(format!("holder {holder:?}"));
+        }
+        Ok(())
+    });
+    let output = running.log();
+    assert!(
+        output.contains("system:serviceaccount:warren-system:warren"),
+        "kubectl auth whoami did not name the chart's ServiceAccount:\n{output}"
+    );
+    drop(running);
     assert!(!dir.exists(), "scripts/cluster down removes its directory");
 }
 
