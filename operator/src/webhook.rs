@@ -21,10 +21,12 @@
 //! Every admission is logged (uid, operation, kind, namespace, name or
 //! generateName, dryRun, allowed, patched).
 //!
-//! [`serve`] runs the router over TLS: one task per connection, a TLS
-//! handshake that does not finish within [`HANDSHAKE_TIMEOUT`] is dropped
-//! without holding up other clients, and the certificate is taken from
-//! [`ServerCerts`] at each handshake, so it can be swapped at run time.
+//! [`serve`] runs the router over TLS with `axum-server`: one task per
+//! connection, a TLS handshake that does not finish within
+//! [`HANDSHAKE_TIMEOUT`] is dropped without holding up other clients, and
+//! the certificate is taken from [`ServerCerts`] (the rustls certificate
+//! resolver of the server configuration) at each handshake, so it can be
+//! swapped at run time.
 //! [`start_webhook`] is the entry point of `warren-operator run`: it gets
 //! the certificate (see [`crate::certs`] for the self-managed and cert-dir
 //! modes), binds the listener and serves.
@@ -42,11 +44,11 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum_server::Handle;
+use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use base64::Engine;
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use kube::core::DynamicObject;
 use kube::core::admission::{
     AdmissionRequest, AdmissionResponse, AdmissionReview, META_API_VERSION_V1, META_KIND,
@@ -54,7 +56,6 @@ use kube::core::admission::{
 use kube::core::{Status, TypeMeta};
 use serde_json::Value;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use crate::certs::{self, ServerCerts};
 
@@ -226,52 +227,45 @@ pub fn encode_review(mut response: AdmissionResponse) -> serde_json::Result<Vec<
 ///
 /// Each connection runs in its own task: its TLS handshake (bounded by
 /// [`HANDSHAKE_TIMEOUT`]) and HTTP/1.1 requests never hold up the accept
-/// loop. Connections open at shutdown finish on their own.
+/// loop. At shutdown the listener is closed and handshakes in progress are
+/// dropped; requests in flight are answered and their connections closed
+/// on their own, after `serve` has returned.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<ServerCerts>,
     handler: Handler,
     shutdown: impl Future,
 ) {
-    let acceptor = TlsAcceptor::from(Arc::new(tls.server_config()));
-    let app = router(handler);
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait, go on.
-                    tracing::warn!(error = %e, "webhook accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "webhook TLS handshake timed out");
-                    return;
-                }
-            };
-            let result = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app))
-                .await;
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "webhook connection ended with an error");
-            }
+    let config = RustlsConfig::from_config(Arc::new(tls.server_config()));
+    let acceptor = RustlsAcceptor::new(config).handshake_timeout(HANDSHAKE_TIMEOUT);
+    let handle = Handle::new();
+    let mut server = axum_server::Server::from_listener(listener)
+        .acceptor(acceptor)
+        .handle(handle.clone())
+        .http1_only()
+        .accept_error_handler(|peer: Option<&SocketAddr>, e: &std::io::Error| match peer {
+            // A failed or timed-out TLS handshake.
+            Some(peer) => tracing::debug!(%peer, error = %e, "webhook TLS handshake failed"),
+            // Out of file descriptors and the like; the server waits, goes on.
+            None => tracing::warn!(error = %e, "webhook accept failed"),
         });
+    server
+        .http_builder()
+        .http1()
+        .header_read_timeout(HEADER_TIMEOUT);
+    tokio::select! {
+        served = server.serve(router(handler).into_make_service()) => {
+            // The listener is bound and axum's service cannot fail, so this
+            // is not expected before shutdown.
+            if let Err(e) = served {
+                tracing::error!(error = %e, "webhook server stopped");
+            }
+        }
+        _ = shutdown => {
+            // Open connections see the graceful shutdown in their own tasks;
+            // dropping the server closes the listener at once.
+            handle.graceful_shutdown(None);
+        }
     }
 }
 

@@ -348,6 +348,30 @@ async fn a_stalled_tls_client_does_not_block_others() {
 }
 
 #[tokio::test]
+async fn a_stalled_tls_client_is_dropped_after_the_handshake_timeout() {
+    use tokio::io::AsyncReadExt;
+    let g = certs::generate(SERVICE, NAMESPACE, Duration::from_secs(3600)).unwrap();
+    let (handler, _seen) = test_handler();
+    let server = Server::start(serving(&g), handler).await;
+    let mut stalled = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    // The server closes the connection: end of stream, or a reset.
+    let read = tokio::time::timeout(
+        webhook::HANDSHAKE_TIMEOUT + Duration::from_secs(5),
+        stalled.read(&mut buf),
+    )
+    .await
+    .expect("the server closes a connection that sends no ClientHello");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= webhook::HANDSHAKE_TIMEOUT - Duration::from_millis(500),
+        "{waited:?}"
+    );
+}
+
+#[tokio::test]
 async fn shutdown_stops_accepting() {
     let g = certs::generate(SERVICE, NAMESPACE, Duration::from_secs(3600)).unwrap();
     let (handler, _seen) = test_handler();
@@ -362,6 +386,49 @@ async fn shutdown_stops_accepting() {
         .await
         .expect("serve returns after shutdown")
         .unwrap();
+    assert!(
+        served_serial(g.ca_pem.as_bytes(), server.addr)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn a_request_in_flight_at_shutdown_is_answered() {
+    let g = certs::generate(SERVICE, NAMESPACE, Duration::from_secs(3600)).unwrap();
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let signal = entered.clone();
+    let handler: Handler = Arc::new(move |req: AdmissionRequest<DynamicObject>, _| {
+        let signal = signal.clone();
+        async move {
+            signal.notify_one();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            AdmissionResponse::from(&req)
+        }
+        .boxed()
+    });
+    let mut server = Server::start(serving(&g), handler).await;
+    let client = client(g.ca_pem.as_bytes(), server.addr);
+    let in_flight = tokio::spawn({
+        let url = server.url("/mutate");
+        let body = serde_json::to_vec(&fixture("pod-create-bare.json")).unwrap();
+        async move {
+            client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+        }
+    });
+    entered.notified().await;
+    server.stop.take().unwrap().send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), &mut server.task)
+        .await
+        .expect("serve returns after shutdown")
+        .unwrap();
+    let response = in_flight.await.unwrap().expect("the request is answered");
+    assert_eq!(response.status(), StatusCode::OK);
     assert!(
         served_serial(g.ca_pem.as_bytes(), server.addr)
             .await
