@@ -10,6 +10,8 @@
 //!   delay strategy and which app answers are retried.
 //! - [`sidecar_config`]: the sidecar's consumer configuration.
 //! - [`duration`]: durations written as `4s` or `1m30s`.
+//! - [`error_chain`]: an error with its causes on one line, as both the
+//!   operator and the sidecar report errors.
 //! - [`outbox`]: how many bytes an outbox volume of a given size can hold.
 //! - with the `kube` feature, the custom resources: [`reliable_queue`]
 //!   (`ReliableQueue`) and [`retry_policy`] (`RetryPolicy`), group
@@ -17,6 +19,7 @@
 
 pub mod backoff;
 pub mod duration;
+pub mod error_chain;
 pub mod names;
 pub mod outbox;
 #[cfg(feature = "kube")]

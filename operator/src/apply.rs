@@ -34,6 +34,7 @@ use rabbitmq_http_client::requests::{
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
+use warren_crds::error_chain::error_chain;
 use warren_crds::reliable_queue::QueueKind;
 
 use crate::broker_url::BrokerUrl;
@@ -958,20 +959,6 @@ fn is_tls_error(e: &(dyn std::error::Error + 'static)) -> bool {
         next = e.source();
     }
     false
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

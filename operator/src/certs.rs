@@ -61,6 +61,7 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
+use warren_crds::error_chain::error_chain;
 
 /// Secret keys of the shared CA.
 pub const CA_CERT_KEY: &str = "ca.crt";
@@ -549,7 +550,7 @@ pub async fn ensure_shared_ca(
                 unexpired(Some(ca.cert_pem))
             }
             Err(e) => {
-                tracing::error!(secret = secret_name, namespace, error = %format!("{e:#}"), "webhook CA unreadable; replacing it");
+                tracing::error!(secret = secret_name, namespace, error = %error_chain(e.as_ref()), "webhook CA unreadable; replacing it");
                 None
             }
         };
@@ -670,7 +671,7 @@ pub async fn start_self_managed(
     )
     .await
     {
-        tracing::error!(error = %format!("{e:#}"), "caBundle not patched yet; retrying");
+        tracing::error!(error = %error_chain(e.as_ref()), "caBundle not patched yet; retrying");
     }
     let task = tokio::spawn(renew_loop(
         client,
@@ -690,14 +691,15 @@ async fn renew_loop(
     loop {
         tokio::time::sleep(settings.check_every).await;
         let info = certs.info();
-        let pass =
-            match self_managed_pass(&client, &settings, Some((signed_by.as_str(), &info))).await {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "webhook certificate check failed");
-                    continue;
-                }
-            };
+        let pass = match self_managed_pass(&client, &settings, Some((signed_by.as_str(), &info)))
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %error_chain(e.as_ref()), "webhook certificate check failed");
+                continue;
+            }
+        };
         if let Some((cert, key)) = &pass.signed {
             match certs.swap_pem(cert.as_bytes(), key.as_bytes()) {
                 Ok(new) => {
@@ -705,7 +707,7 @@ async fn renew_loop(
                     tracing::info!(serial = %new.serial, not_after = ?new.not_after, "webhook serving certificate renewed");
                 }
                 Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "renewed webhook certificate rejected");
+                    tracing::error!(error = %error_chain(e.as_ref()), "renewed webhook certificate rejected");
                 }
             }
         }
@@ -716,7 +718,7 @@ async fn renew_loop(
         )
         .await
         {
-            tracing::error!(error = %format!("{e:#}"), "caBundle patch failed");
+            tracing::error!(error = %error_chain(e.as_ref()), "caBundle patch failed");
         }
     }
 }
@@ -760,7 +762,7 @@ async fn watch_cert_dir(
         let pair = match read_cert_dir(&dir) {
             Ok(p) => p,
             Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "webhook certificate unreadable; serving the previous one");
+                tracing::error!(error = %error_chain(e.as_ref()), "webhook certificate unreadable; serving the previous one");
                 continue;
             }
         };
@@ -773,7 +775,7 @@ async fn watch_cert_dir(
                 loaded = pair;
             }
             Err(e) => {
-                tracing::error!(dir = %dir.display(), error = %format!("{e:#}"), "webhook certificate invalid; serving the previous one");
+                tracing::error!(dir = %dir.display(), error = %error_chain(e.as_ref()), "webhook certificate invalid; serving the previous one");
             }
         }
     }

@@ -9,6 +9,7 @@ use futures::FutureExt;
 
 use clap::{Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
+use warren_crds::error_chain::error_chain;
 use warren_operator::apply::Broker;
 use warren_operator::broker_url::BrokerUrl;
 use warren_operator::controller::Scope;
@@ -202,7 +203,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

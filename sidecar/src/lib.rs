@@ -43,6 +43,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use warren_crds::sidecar_config::SidecarConfig;
 
 use crate::api::{AppState, RequestLimits};
 use crate::broker::BrokerSettings;
@@ -97,6 +98,72 @@ pub async fn start_with(cfg: Config, store: Option<Arc<dyn Store>>) -> anyhow::R
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     let metrics = Arc::new(Metrics::new());
+    let (outbox, limits) = open_outbox(&cfg, store, &metrics)?;
+
+    let tls_ca_pem = read_tls_ca(&cfg)?;
+    let consumer_config = cfg.consumer_config()?;
+    let (status, broker) = broker_settings(&cfg, tls_ca_pem, &metrics)?;
+    let forwarder = start_forwarder(&cfg, &outbox, broker.clone(), &status, &metrics);
+    let consumer_state = ConsumerState::new(
+        consumer_config
+            .iter()
+            .flat_map(|c| c.queues.iter().map(|q| q.name.as_str())),
+    );
+    let consumer = start_consumer(&cfg, consumer_config, broker, &metrics, &consumer_state)?;
+    let (relay_status, relay) = start_relay(&cfg, &outbox, &metrics)?;
+
+    let state = Arc::new(AppState {
+        outbox: outbox.clone(),
+        status: status.clone(),
+        metrics: metrics.clone(),
+        // A draining sidecar only forwards what it holds.
+        accepting: AtomicBool::new(!cfg.drain),
+        limits: RequestLimits {
+            max_message_bytes: cfg.max_message_bytes,
+            max_batch_bytes: cfg.max_batch_bytes,
+            max_batch_messages: cfg.max_batch_messages,
+        },
+        outbox_limits: limits,
+        consumer: consumer_state.clone(),
+        relay: relay_status.clone(),
+    });
+    let servers = serve_apis(&cfg, &state).await?;
+    let (api_addr, admin_addr) = (servers.api_addr, servers.admin_addr);
+    tracing::info!(%api_addr, %admin_addr, data_dir = %cfg.data_dir.display(), durability = ?cfg.durability, engine = ?cfg.outbox_engine, "warren-sidecar started");
+
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(stop_on(
+        shutdown.clone(),
+        Parts {
+            state,
+            outbox: outbox.clone(),
+            forwarder,
+            consumer,
+            relay,
+            servers,
+            drain_timeout: cfg.drain_timeout,
+        },
+    ));
+    Ok(Running {
+        api_addr,
+        admin_addr,
+        outbox,
+        status,
+        consumer: consumer_state,
+        relay: relay_status,
+        shutdown,
+        task,
+    })
+}
+
+/// Opens the outbox over `store`, or over the engine `--outbox-engine`
+/// names, with the limits that apply (also returned, for `GET
+/// /v1/outbox`).
+fn open_outbox(
+    cfg: &Config,
+    store: Option<Arc<dyn Store>>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(Arc<Outbox>, Limits)> {
     let flush_every = match cfg.durability {
         Durability::Flush => Duration::from_millis(500),
         Durability::Buffered => cfg.flush_interval,
@@ -118,7 +185,7 @@ pub async fn start_with(cfg: Config, store: Option<Arc<dyn Store>>) -> anyhow::R
     };
     let limits = Limits {
         max_messages: cfg.max_outbox_messages,
-        max_bytes: outbox_byte_limit(&cfg)?,
+        max_bytes: outbox_byte_limit(cfg)?,
     };
     let outbox = Outbox::open(store, limits, cfg.durability, metrics.clone())?;
     let left = outbox.stats();
@@ -129,32 +196,80 @@ pub async fn start_with(cfg: Config, store: Option<Arc<dyn Store>>) -> anyhow::R
             "outbox holds messages from a previous run; forwarding them first"
         );
     }
+    Ok((outbox, limits))
+}
 
-    let tls_ca_pem = match &cfg.tls_ca_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read --tls-ca-file {}", path.display()))?,
-        ),
-        None => None,
+/// The CA certificate `--tls-ca-file` names, when set.
+fn read_tls_ca(cfg: &Config) -> anyhow::Result<Option<String>> {
+    let Some(path) = &cfg.tls_ca_file else {
+        return Ok(None);
     };
-    let consumer_config = cfg.consumer_config()?;
+    let pem = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --tls-ca-file {}", path.display()))?;
+    Ok(Some(pem))
+}
+
+/// How the forwarder and the consumer reach the broker, and the status
+/// the forwarder reports its connection in.
+fn broker_settings(
+    cfg: &Config,
+    tls_ca_pem: Option<String>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(BrokerStatus, BrokerSettings)> {
     let urls =
         broker::parse_urls(&cfg.broker_url).map_err(|e| anyhow::anyhow!("--broker-url: {e}"))?;
     let status = BrokerStatus::new(
         urls.iter().map(|u| redact_url(u)).collect(),
         metrics.clone(),
     );
-    let broker_settings = BrokerSettings {
+    let settings = BrokerSettings {
         urls: urls.into_iter().map(Into::into).collect(),
         tls_ca_pem,
         heartbeat: cfg.heartbeat,
         connect_timeout: cfg.connect_timeout,
         reconnect: broker::schedule(cfg.reconnect_initial, cfg.reconnect_max),
     };
+    Ok((status, settings))
+}
+
+/// A task of the sidecar and the token that stops it.
+struct Task {
+    /// Cancelled to stop it.
+    stop: CancellationToken,
+    /// Ends when the task has stopped.
+    handle: JoinHandle<()>,
+}
+
+impl Task {
+    /// Spawns `run` with a token of its own.
+    fn spawn<F>(run: impl FnOnce(CancellationToken) -> F) -> Self
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(run(stop.clone()));
+        Self { stop, handle }
+    }
+
+    /// Stops the task and waits for it to end.
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.handle.await;
+    }
+}
+
+/// Starts moving the outbox to the broker.
+fn start_forwarder(
+    cfg: &Config,
+    outbox: &Arc<Outbox>,
+    broker: BrokerSettings,
+    status: &BrokerStatus,
+    metrics: &Arc<Metrics>,
+) -> Task {
     let forwarder = Forwarder::new(
         outbox.clone(),
         ForwarderConfig {
-            broker: broker_settings.clone(),
+            broker,
             window: cfg.confirm_window,
             confirm_timeout: cfg.confirm_timeout,
             retry: broker::schedule(cfg.retry_initial, cfg.retry_max),
@@ -163,60 +278,68 @@ pub async fn start_with(cfg: Config, store: Option<Arc<dyn Store>>) -> anyhow::R
         status.clone(),
         metrics.clone(),
     );
-    let stop_forwarder = CancellationToken::new();
-    let forwarder = tokio::spawn(forwarder.run(stop_forwarder.clone()));
+    Task::spawn(|stop| forwarder.run(stop))
+}
 
-    let consumer_state = ConsumerState::new(
-        consumer_config
-            .iter()
-            .flat_map(|c| c.queues.iter().map(|q| q.name.as_str())),
-    );
-    let stop_consumer = CancellationToken::new();
-    let consumer = match consumer_config {
-        Some(config) => {
-            let consumer = Consumer::new(
-                ConsumerSettings {
-                    broker: broker_settings,
-                    config,
-                },
-                metrics.clone(),
-                consumer_state.clone(),
-            )?;
-            Some(tokio::spawn(
-                consumer.run(stop_consumer.clone(), cfg.drain_timeout),
-            ))
-        }
-        None => None,
+/// Starts consuming for the app, when a consumer is configured.
+fn start_consumer(
+    cfg: &Config,
+    config: Option<SidecarConfig>,
+    broker: BrokerSettings,
+    metrics: &Arc<Metrics>,
+    state: &ConsumerState,
+) -> anyhow::Result<Option<Task>> {
+    let Some(config) = config else {
+        return Ok(None);
     };
+    let consumer = Consumer::new(
+        ConsumerSettings { broker, config },
+        metrics.clone(),
+        state.clone(),
+    )?;
+    let drain = cfg.drain_timeout;
+    Ok(Some(Task::spawn(|stop| consumer.run(stop, drain))))
+}
 
-    let stop_relay = CancellationToken::new();
-    let (relay_status, relay) = match cfg.relay_settings()? {
-        Some(settings) => {
-            let relay = Relay::new(settings, outbox.clone(), metrics.clone());
-            let status = relay.status();
-            (
-                Some(status),
-                Some(tokio::spawn(relay.run(stop_relay.clone()))),
-            )
-        }
-        None => (None, None),
+/// Starts the transactional outbox relay, when `--relay-postgres` is set.
+fn start_relay(
+    cfg: &Config,
+    outbox: &Arc<Outbox>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(Option<RelayStatus>, Option<Task>)> {
+    let Some(settings) = cfg.relay_settings()? else {
+        return Ok((None, None));
     };
+    let relay = Relay::new(settings, outbox.clone(), metrics.clone());
+    let status = relay.status();
+    Ok((Some(status), Some(Task::spawn(|stop| relay.run(stop)))))
+}
 
-    let state = Arc::new(AppState {
-        outbox: outbox.clone(),
-        status: status.clone(),
-        metrics: metrics.clone(),
-        // A draining sidecar only forwards what it holds.
-        accepting: AtomicBool::new(!cfg.drain),
-        limits: RequestLimits {
-            max_message_bytes: cfg.max_message_bytes,
-            max_batch_bytes: cfg.max_batch_bytes,
-            max_batch_messages: cfg.max_batch_messages,
-        },
-        outbox_limits: limits,
-        consumer: consumer_state.clone(),
-        relay: relay_status.clone(),
-    });
+/// The app-facing API and the admin endpoints, served until `stop`.
+struct Servers {
+    /// Where the app-facing API listens.
+    api_addr: SocketAddr,
+    /// Where the admin endpoints listen.
+    admin_addr: SocketAddr,
+    /// Cancelled to stop both, gracefully.
+    stop: CancellationToken,
+    /// The app-facing API server.
+    api: JoinHandle<std::io::Result<()>>,
+    /// The admin server.
+    admin: JoinHandle<std::io::Result<()>>,
+}
+
+impl Servers {
+    /// Stops both servers and waits for them to end.
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.api.await;
+        let _ = self.admin.await;
+    }
+}
+
+/// Binds `--listen` and `--admin-listen` and serves the APIs on them.
+async fn serve_apis(cfg: &Config, state: &Arc<AppState>) -> anyhow::Result<Servers> {
     let api_listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
@@ -225,79 +348,98 @@ pub async fn start_with(cfg: Config, store: Option<Arc<dyn Store>>) -> anyhow::R
         .with_context(|| format!("cannot listen on {}", cfg.admin_listen))?;
     let api_addr = api_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    let stop_servers = CancellationToken::new();
+    let stop = CancellationToken::new();
     let api = tokio::spawn(
         axum::serve(api_listener, api::router(state.clone()))
-            .with_graceful_shutdown(stop_servers.clone().cancelled_owned())
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
             .into_future(),
     );
     let admin = tokio::spawn(
         axum::serve(admin_listener, api::admin_router(state.clone()))
-            .with_graceful_shutdown(stop_servers.clone().cancelled_owned())
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
             .into_future(),
     );
-    tracing::info!(%api_addr, %admin_addr, data_dir = %cfg.data_dir.display(), durability = ?cfg.durability, engine = ?cfg.outbox_engine, "warren-sidecar started");
-
-    let shutdown = CancellationToken::new();
-    let drain_timeout = cfg.drain_timeout;
-    let task = {
-        let shutdown = shutdown.clone();
-        let outbox = outbox.clone();
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            state.accepting.store(false, Ordering::Release);
-            tracing::info!(
-                pending = outbox.stats().pending,
-                ?drain_timeout,
-                "shutting down; draining the outbox"
-            );
-            // The relay takes no new rows: what it has not moved stays in
-            // the app's table for the next sidecar.
-            stop_relay.cancel();
-            if let Some(relay) = relay {
-                let _ = relay.await;
-            }
-            // The consumer stops taking deliveries and finishes those in
-            // hand while the outbox drains.
-            stop_consumer.cancel();
-            let deadline = Instant::now() + drain_timeout;
-            while outbox.stats().pending > 0 && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            if let Some(consumer) = consumer {
-                let _ = consumer.await;
-            }
-            stop_forwarder.cancel();
-            let _ = forwarder.await;
-            outbox.sync().await.context("final outbox flush failed")?;
-            stop_servers.cancel();
-            let _ = api.await;
-            let _ = admin.await;
-            let left = outbox.stats();
-            if left.pending > 0 {
-                tracing::warn!(
-                    pending = left.pending,
-                    "drain deadline reached; the rest stays in the outbox for the next start"
-                );
-            }
-            tracing::info!(
-                pending = left.pending,
-                dead = left.dead,
-                "warren-sidecar stopped"
-            );
-            Ok(left)
-        })
-    };
-    Ok(Running {
+    Ok(Servers {
         api_addr,
         admin_addr,
-        outbox,
-        status,
-        consumer: consumer_state,
-        relay: relay_status,
-        shutdown,
-        task,
+        stop,
+        api,
+        admin,
     })
+}
+
+/// What the shutdown stops.
+struct Parts {
+    /// The APIs' state; its `accepting` flag is cleared first.
+    state: Arc<AppState>,
+    /// The outbox, drained and flushed.
+    outbox: Arc<Outbox>,
+    /// Stopped once the outbox is drained or the drain timeout passed.
+    forwarder: Task,
+    /// Stopped before the outbox drains; waited for after.
+    consumer: Option<Task>,
+    /// Stopped first.
+    relay: Option<Task>,
+    /// Stopped last.
+    servers: Servers,
+    /// How long the outbox may take to drain.
+    drain_timeout: Duration,
+}
+
+/// Waits for `shutdown`, then stops the sidecar: publishes are refused,
+/// the relay stops, the consumer finishes what it holds while the outbox
+/// drains (up to the drain timeout), then the forwarder stops, the outbox
+/// is flushed and the servers stop. Returns what was left in the outbox.
+async fn stop_on(shutdown: CancellationToken, parts: Parts) -> anyhow::Result<Stats> {
+    let Parts {
+        state,
+        outbox,
+        forwarder,
+        consumer,
+        relay,
+        servers,
+        drain_timeout,
+    } = parts;
+    shutdown.cancelled().await;
+    state.accepting.store(false, Ordering::Release);
+    tracing::info!(
+        pending = outbox.stats().pending,
+        ?drain_timeout,
+        "shutting down; draining the outbox"
+    );
+    // The relay takes no new rows: what it has not moved stays in the
+    // app's table for the next sidecar.
+    if let Some(relay) = relay {
+        relay.stop().await;
+    }
+    // The consumer stops taking deliveries and finishes those in hand
+    // while the outbox drains.
+    if let Some(consumer) = &consumer {
+        consumer.stop.cancel();
+    }
+    let deadline = Instant::now() + drain_timeout;
+    while outbox.stats().pending > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Some(consumer) = consumer {
+        let _ = consumer.handle.await;
+    }
+    forwarder.stop().await;
+    outbox.sync().await.context("final outbox flush failed")?;
+    servers.stop().await;
+    let left = outbox.stats();
+    if left.pending > 0 {
+        tracing::warn!(
+            pending = left.pending,
+            "drain deadline reached; the rest stays in the outbox for the next start"
+        );
+    }
+    tracing::info!(
+        pending = left.pending,
+        dead = left.dead,
+        "warren-sidecar stopped"
+    );
+    Ok(left)
 }
 
 /// `--max-outbox-bytes`, or what the data dir's filesystem can hold. A

@@ -60,6 +60,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use rand::Rng;
 use tempfile::TempDir;
+use warren_crds::error_chain::error_chain;
 
 use crate::ports::{PortReservation, reserve_port};
 use crate::tls::TestCa;
@@ -651,7 +652,7 @@ impl RabbitNode {
                 self.kill_process();
                 let ctl = stop_result
                     .err()
-                    .map(|e| format!("{e:#}"))
+                    .map(|e| error_chain(e.as_ref()))
                     .unwrap_or_default();
                 bail!(
                     "{} did not stop within {STOP_TIMEOUT:?} (killed it); {ctl}\n{tail}",
@@ -1215,7 +1216,7 @@ fn clear_rabbitmq_env(cmd: &mut Command) {
 }
 
 fn is_port_conflict(e: &anyhow::Error) -> bool {
-    let text = format!("{e:#}");
+    let text = error_chain(e.as_ref());
     text.contains("eaddrinuse") || text.contains("address already in use")
 }
 

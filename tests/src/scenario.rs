@@ -56,6 +56,7 @@ use rand::{Rng, SeedableRng};
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
 use warren_crds::duration::HumanDuration;
+use warren_crds::error_chain::error_chain;
 use warren_crds::retry::RetryPolicySpec;
 use warren_crds::sidecar_config::{AppEndpoint, ConsumeQueue, SidecarConfig};
 use warren_operator::apply::Broker;
@@ -904,7 +905,7 @@ impl Rig {
                 v["rabbitmq_version"].as_str().unwrap_or("?"),
                 v["erlang_version"].as_str().unwrap_or("?")
             ),
-            Err(e) => format!("RabbitMQ, version unknown ({e:#})"),
+            Err(e) => format!("RabbitMQ, version unknown ({})", error_chain(e.as_ref())),
         };
         console.say(format!(
             "broker: {broker_version}, node {} (AMQP 127.0.0.1:{}, management {})",
@@ -1348,7 +1349,7 @@ impl Rig {
             .outbox()
             .await
             .map(|v| v.to_string())
-            .unwrap_or_else(|e| format!("unavailable: {e:#}"));
+            .unwrap_or_else(|e| format!("unavailable: {}", error_chain(e.as_ref())));
         Ok(Outcome {
             seed: self.opts.seed,
             report,

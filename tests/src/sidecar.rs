@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use tempfile::TempDir;
+use warren_crds::error_chain::error_chain;
 
 use crate::node::spawn_tied_to_process;
 use crate::ports::free_port;
@@ -372,7 +373,7 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
 pub fn sidecar_bin() -> anyhow::Result<&'static Path> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BIN.get_or_init(|| {
-        workspace_bin("warren-sidecar", "warren-sidecar").map_err(|e| format!("{e:#}"))
+        workspace_bin("warren-sidecar", "warren-sidecar").map_err(|e| error_chain(e.as_ref()))
     })
     .as_ref()
     .map(PathBuf::as_path)
@@ -407,7 +408,8 @@ pub fn workspace_bin(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
             // progress) still leaves the last good binary to test with.
             (Err(e), Some(path)) => {
                 eprintln!(
-                    "warren-testkit: {e:#}; using the existing {}",
+                    "warren-testkit: {}; using the existing {}",
+                    error_chain(e.as_ref()),
                     path.display()
                 );
                 Ok(path)

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use warren_crds::error_chain::error_chain;
 
 use super::plan::{Attempt, REASON_LIMIT, excerpt};
 
@@ -76,20 +77,4 @@ impl AppClient {
             Err(_) => Attempt::TimedOut(req.timeout),
         }
     }
-}
-
-/// An error with its causes, e.g. "error sending request: client error
-/// (Connect): tcp connect error: Connection refused (os error 111)".
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
 }

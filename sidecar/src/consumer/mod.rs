@@ -37,7 +37,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Confirmation, Connection, Event};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -49,7 +49,7 @@ use warren_crds::backoff::Backoff;
 use crate::broker::{self, BrokerSettings, ConnectError, Connected, Link, describe};
 use crate::metrics::{Metrics, Outcome, ParkLabel, ParkLabels, QueueLabels, RetryLabels};
 use app::{AppClient, Request};
-use plan::{Action, Copy, Failure, Original, ParkReason};
+use plan::{Action, Attempt, Copy, Failure, Original, ParkReason};
 pub use state::{ConsumerSnapshot, ConsumerState};
 
 /// Settings of the consumer.
@@ -313,6 +313,9 @@ async fn handle(
     shared.state.add_in_flight(-1);
 }
 
+/// One delivery: waits for a slot at the app, delivers, and acts on the
+/// answer as the queue's retry policy decides. A failed delivery's
+/// original is acked only after the broker confirmed its copy.
 async fn process(
     shared: &Shared,
     queue: &ConsumeQueue,
@@ -321,12 +324,8 @@ async fn process(
     received: Instant,
 ) -> Outcome {
     let name = queue.name.as_str();
-    let _slot = tokio::select! {
-        slot = shared.slots.acquire() => slot.expect("the slot semaphore is never closed"),
-        _ = tokio::time::sleep_until(received + shared.max_wait) => {
-            tracing::warn!(queue = name, "delivery waited too long for a slot; handing it back before the broker's consumer timeout");
-            return requeue(delivery).await;
-        }
+    let Some(_slot) = wait_for_slot(shared, name, received).await else {
+        return requeue(delivery).await;
     };
     let props = &delivery.properties;
     let message_id = plan::message_id_of(
@@ -336,10 +335,77 @@ async fn process(
         &delivery.data,
     );
     let retries = plan::retries_of(props);
+    let attempt = call_app(shared, queue, delivery, &message_id, retries).await;
+
+    let policy = &queue.retry_policy;
+    let action = plan::decide(policy, name, retries, &attempt, rand::random());
+    if action == Action::Ack {
+        return ack(delivery).await.unwrap_or(Outcome::AckFailed);
+    }
+    let original = Original {
+        properties: props,
+        exchange: delivery.exchange.as_str(),
+        routing_key: delivery.routing_key.as_str(),
+        message_id: &message_id,
+    };
+    let parking_lot = queue.parking_lot();
+    let copy = copy_of_failed(name, &action, original, retries, &attempt, &parking_lot);
+    let published = publisher
+        .publish(
+            copy.exchange,
+            copy.routing_key,
+            copy.mandatory,
+            &delivery.data,
+            copy.properties,
+            shared.timeout,
+        )
+        .await;
+    match published {
+        Ok(()) => {
+            count_copy(&shared.metrics, name, &action);
+            ack(delivery)
+                .await
+                .map_or(Outcome::AckFailed, |_| copy.outcome)
+        }
+        Err(e) => {
+            tracing::error!(queue = name, %message_id, exchange = copy.exchange, routing_key = copy.routing_key, error = %e, "republish not confirmed; handing the message back to the broker");
+            requeue_after_pause(shared, delivery, received).await
+        }
+    }
+}
+
+/// A slot at the app, or `None` (with a warning) when the delivery waited
+/// so long for one that it must go back before the broker's
+/// `consumer_timeout`.
+async fn wait_for_slot<'a>(
+    shared: &'a Shared,
+    queue: &str,
+    received: Instant,
+) -> Option<SemaphorePermit<'a>> {
+    tokio::select! {
+        slot = shared.slots.acquire() => Some(slot.expect("the slot semaphore is never closed")),
+        _ = tokio::time::sleep_until(received + shared.max_wait) => {
+            tracing::warn!(queue, "delivery waited too long for a slot; handing it back before the broker's consumer timeout");
+            None
+        }
+    }
+}
+
+/// POSTs the delivery to the app (its endpoint for `queue`) and records
+/// how long the app took.
+async fn call_app(
+    shared: &Shared,
+    queue: &ConsumeQueue,
+    delivery: &lapin::message::Delivery,
+    message_id: &str,
+    retries: u32,
+) -> Attempt {
+    let name = queue.name.as_str();
+    let props = &delivery.properties;
     let (headers, skipped) = plan::app_headers(
         props,
         name,
-        &message_id,
+        message_id,
         retries,
         delivery.redelivered,
         delivery.exchange.as_str(),
@@ -370,112 +436,117 @@ async fn process(
             queue: name.to_owned(),
         })
         .observe(started.elapsed().as_secs_f64());
+    attempt
+}
 
-    let policy = &queue.retry_policy;
-    let action = plan::decide(policy, name, retries, &attempt, rand::random());
-    if action == Action::Ack {
-        return ack(delivery).await.unwrap_or(Outcome::AckFailed);
-    }
-    let failure = Failure::now(retries, &attempt);
-    let original = Original {
-        properties: props,
-        exchange: delivery.exchange.as_str(),
-        routing_key: delivery.routing_key.as_str(),
-        message_id: &message_id,
-    };
-    let parking_lot = queue.parking_lot();
-    let (exchange, routing_key, mandatory, copy_props, outcome) = match &action {
+/// The copy of a failed delivery to republish, and what the delivery
+/// counts as once the copy is confirmed and the original acked.
+struct Republish<'a> {
+    /// The retry exchange, or the default exchange for the parking lot.
+    exchange: &'a str,
+    /// The retry routing key, or the parking lot's name.
+    routing_key: &'a str,
+    /// Whether an unroutable copy comes back as a return.
+    mandatory: bool,
+    /// The copy's properties, with Warren's retry headers.
+    properties: lapin::BasicProperties,
+    /// Retried or parked.
+    outcome: Outcome,
+}
+
+/// The copy `action` (a retry or a park) calls for, logged: to the retry
+/// target or to `parking_lot`, carrying the failure of `attempt`.
+fn copy_of_failed<'a>(
+    queue: &str,
+    action: &'a Action,
+    original: Original<'_>,
+    retries: u32,
+    attempt: &Attempt,
+    parking_lot: &'a str,
+) -> Republish<'a> {
+    let failure = Failure::now(retries, attempt);
+    let message_id = original.message_id;
+    match action {
         Action::Retry {
             retries: next,
             delay,
             target,
         } => {
-            tracing::debug!(queue = name, %message_id, retry = next, ?delay, reason = %attempt.reason(), "delivery failed; retrying later");
-            let p = plan::copy_properties(
-                original,
-                &failure,
-                Copy::Retry {
-                    retries: *next,
-                    target,
-                },
-            );
-            (
-                target.exchange.as_str(),
-                target.routing_key.as_str(),
-                target.mandatory,
-                p,
-                Outcome::Retried,
-            )
+            tracing::debug!(queue, %message_id, retry = next, ?delay, reason = %attempt.reason(), "delivery failed; retrying later");
+            let copy = Copy::Retry {
+                retries: *next,
+                target,
+            };
+            Republish {
+                exchange: target.exchange.as_str(),
+                routing_key: target.routing_key.as_str(),
+                mandatory: target.mandatory,
+                properties: plan::copy_properties(original, &failure, copy),
+                outcome: Outcome::Retried,
+            }
         }
         Action::Park(reason) => {
-            tracing::warn!(queue = name, %message_id, retries, reason = %attempt.reason(), why = reason.as_str(), "delivery failed; parking the message");
-            let p = plan::copy_properties(
-                original,
-                &failure,
-                Copy::Park {
-                    reason: *reason,
-                    queue: name,
-                },
-            );
-            ("", parking_lot.as_str(), true, p, Outcome::Parked)
-        }
-        Action::Ack => unreachable!("handled above"),
-    };
-    let published = publisher
-        .publish(
-            exchange,
-            routing_key,
-            mandatory,
-            &delivery.data,
-            copy_props,
-            shared.timeout,
-        )
-        .await;
-    match published {
-        Ok(()) => {
-            match &action {
-                Action::Retry { retries: next, .. } => {
-                    shared
-                        .metrics
-                        .retries
-                        .get_or_create(&RetryLabels {
-                            queue: name.to_owned(),
-                            attempt: *next,
-                        })
-                        .inc();
-                }
-                Action::Park(reason) => {
-                    shared
-                        .metrics
-                        .parked
-                        .get_or_create(&ParkLabels {
-                            queue: name.to_owned(),
-                            reason: match reason {
-                                ParkReason::NonRetryable => ParkLabel::NonRetryable,
-                                ParkReason::RetriesExhausted => ParkLabel::RetriesExhausted,
-                            },
-                        })
-                        .inc();
-                }
-                Action::Ack => {}
+            tracing::warn!(queue, %message_id, retries, reason = %attempt.reason(), why = reason.as_str(), "delivery failed; parking the message");
+            let copy = Copy::Park {
+                reason: *reason,
+                queue,
+            };
+            Republish {
+                exchange: "",
+                routing_key: parking_lot,
+                mandatory: true,
+                properties: plan::copy_properties(original, &failure, copy),
+                outcome: Outcome::Parked,
             }
-            ack(delivery).await.map_or(Outcome::AckFailed, |_| outcome)
         }
-        Err(e) => {
-            tracing::error!(queue = name, %message_id, exchange, routing_key, error = %e, "republish not confirmed; handing the message back to the broker");
-            // Pause before handing it back, so a missing retry exchange or
-            // parking lot does not turn into a hot redelivery loop; the
-            // pause stays within the consumer timeout.
-            let left = (received + shared.max_wait + shared.timeout)
-                .saturating_duration_since(Instant::now());
-            let pause = broker::delay(
-                &broker::schedule(Duration::from_secs(1), Duration::from_secs(1)),
-                0,
-            );
-            tokio::time::sleep(pause.min(left)).await;
-            requeue(delivery).await
-        }
+        Action::Ack => unreachable!("an ack needs no copy"),
     }
+}
+
+/// Counts a confirmed retry or parked copy.
+fn count_copy(metrics: &Metrics, queue: &str, action: &Action) {
+    match action {
+        Action::Retry { retries: next, .. } => {
+            metrics
+                .retries
+                .get_or_create(&RetryLabels {
+                    queue: queue.to_owned(),
+                    attempt: *next,
+                })
+                .inc();
+        }
+        Action::Park(reason) => {
+            metrics
+                .parked
+                .get_or_create(&ParkLabels {
+                    queue: queue.to_owned(),
+                    reason: match reason {
+                        ParkReason::NonRetryable => ParkLabel::NonRetryable,
+                        ParkReason::RetriesExhausted => ParkLabel::RetriesExhausted,
+                    },
+                })
+                .inc();
+        }
+        Action::Ack => {}
+    }
+}
+
+/// Hands a delivery whose copy was not confirmed back to the broker after
+/// a pause, so a missing retry exchange or parking lot does not turn into
+/// a hot redelivery loop; the pause stays within the consumer timeout.
+async fn requeue_after_pause(
+    shared: &Shared,
+    delivery: &lapin::message::Delivery,
+    received: Instant,
+) -> Outcome {
+    let left =
+        (received + shared.max_wait + shared.timeout).saturating_duration_since(Instant::now());
+    let pause = broker::delay(
+        &broker::schedule(Duration::from_secs(1), Duration::from_secs(1)),
+        0,
+    );
+    tokio::time::sleep(pause.min(left)).await;
+    requeue(delivery).await
 }
 
 async fn ack(delivery: &lapin::message::Delivery) -> Option<Outcome> {

@@ -42,6 +42,7 @@ use tokio::sync::Notify;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
+use warren_crds::error_chain::error_chain;
 
 use crate::metrics::{Metrics, RelayErrorKind};
 use crate::outbox::{Outbox, OutboxError, now_ms};
@@ -227,14 +228,7 @@ fn pg_text(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         return format!("{} ({})", db.message(), db.code().code());
     }
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
+    error_chain(e)
 }
 
 /// The relay's state, as `GET /v1/relay` shows it.

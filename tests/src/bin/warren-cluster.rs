@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use warren_crds::error_chain::error_chain;
 use warren_testkit::cluster::{self, ControlPlane};
 
 /// A local Kubernetes control plane (no kubelet, no scheduler: pods are
@@ -52,7 +53,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("warren-cluster: {e:#}");
+            eprintln!("warren-cluster: {}", error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

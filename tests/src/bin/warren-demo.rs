@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use warren_crds::duration::HumanDuration;
+use warren_crds::error_chain::error_chain;
 use warren_testkit::scenario::{Apply, Console, Fault, Outcome, Rig, RigOptions};
 use warren_testkit::sidecar::workspace_bin;
 
@@ -77,13 +78,13 @@ fn main() -> ExitCode {
                             ExitCode::SUCCESS
                         }
                         Err(e) => {
-                            eprintln!("{e:#}");
+                            eprintln!("{}", error_chain(e.as_ref()));
                             ExitCode::FAILURE
                         }
                     }
                 }
                 Ok(Err(e)) => {
-                    eprintln!("error: {e:#}");
+                    eprintln!("error: {}", error_chain(e.as_ref()));
                     ExitCode::FAILURE
                 }
                 Err(e) => {
