@@ -1184,15 +1184,23 @@ impl Rig {
             // RabbitMQ 3.10 only: it sometimes leaves a single-node quorum
             // queue without a leader after SIGKILL ("leader call - leader
             // not known"); a graceful restart recovers it. The sidecars keep
-            // every message meanwhile.
-            console.say(format!(
-                "  {}: the broker's quorum queue did not recover after kill -9; restarting the broker gracefully",
-                self.broker_version
-            ));
-            tokio::task::block_in_place(|| {
-                self.node.stop()?;
-                self.node.start_again()
-            })?;
+            // every message meanwhile. On 4.0 the queue must recover by
+            // itself.
+            if tokio::task::block_in_place(|| self.node.needs_quorum_registration_restart())? {
+                console.say(format!(
+                    "  {}: the broker's quorum queue did not recover after kill -9; restarting the broker gracefully",
+                    self.broker_version
+                ));
+                tokio::task::block_in_place(|| {
+                    self.node.stop()?;
+                    self.node.start_again()
+                })?;
+            } else {
+                console.say(format!(
+                    "  {}: the broker's quorum queue has not recovered 30 s after kill -9; waiting on, without a restart",
+                    self.broker_version
+                ));
+            }
         }
         if !flowing {
             flowing = self.wait_flowing(Duration::from_secs(60)).await;
