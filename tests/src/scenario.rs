@@ -914,16 +914,19 @@ impl Rig {
             node.management_url()
         ));
         workload.apply(&opts.apply, &node, &console).await?;
-        // RabbitMQ 3.10 keeps a new quorum queue's registration in a lazily
-        // synced table: a SIGKILL within minutes of the declaration can lose
-        // it, and the single-node queue never finds its leader again. A
-        // clean restart writes it out (as sidecar/tests/broker_faults.rs
-        // does before killing its broker).
-        console.say("restarting the broker cleanly once, so that the new queues survive a kill -9");
-        tokio::task::block_in_place(|| {
-            node.stop()?;
-            node.start_again()
-        })?;
+        // RabbitMQ 3.10 only: a clean restart writes out the new quorum
+        // queues' registrations, which a SIGKILL within minutes of the
+        // declaration could otherwise lose (see
+        // `RabbitNode::needs_quorum_registration_restart`).
+        if tokio::task::block_in_place(|| node.needs_quorum_registration_restart())? {
+            console.say(format!(
+                "{broker_version}: restarting the broker cleanly once, so that the new queues survive a kill -9"
+            ));
+            tokio::task::block_in_place(|| {
+                node.stop()?;
+                node.start_again()
+            })?;
+        }
         let proxy = Proxy::start(node.amqp_addr()).await;
         let capped_proxy = Proxy::start(node.amqp_addr()).await;
         let account = Account::new();
@@ -1179,15 +1182,26 @@ impl Rig {
         self.set_current(format!("healing: {}", step.fault));
         let mut flowing = self.wait_flowing(Duration::from_secs(30)).await;
         if !flowing && step.fault == Fault::BrokerKill9 {
-            // RabbitMQ 3.10 sometimes leaves a single-node quorum queue
-            // without a leader after SIGKILL ("leader call - leader not
-            // known"); a graceful restart recovers it. The sidecars keep
-            // every message meanwhile.
-            console.say("  the broker's quorum queue did not recover after kill -9 (RabbitMQ 3.10); restarting the broker gracefully");
-            tokio::task::block_in_place(|| {
-                self.node.stop()?;
-                self.node.start_again()
-            })?;
+            // RabbitMQ 3.10 only: it sometimes leaves a single-node quorum
+            // queue without a leader after SIGKILL ("leader call - leader
+            // not known"); a graceful restart recovers it. The sidecars keep
+            // every message meanwhile. On 4.0 the queue must recover by
+            // itself.
+            if tokio::task::block_in_place(|| self.node.needs_quorum_registration_restart())? {
+                console.say(format!(
+                    "  {}: the broker's quorum queue did not recover after kill -9; restarting the broker gracefully",
+                    self.broker_version
+                ));
+                tokio::task::block_in_place(|| {
+                    self.node.stop()?;
+                    self.node.start_again()
+                })?;
+            } else {
+                console.say(format!(
+                    "  {}: the broker's quorum queue has not recovered 30 s after kill -9; waiting on, without a restart",
+                    self.broker_version
+                ));
+            }
         }
         if !flowing {
             flowing = self.wait_flowing(Duration::from_secs(60)).await;
