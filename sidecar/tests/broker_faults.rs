@@ -42,18 +42,7 @@ async fn publishes_survive_broker_kill9_and_restarts() {
     // registration, which a SIGKILL could otherwise lose (see
     // `RabbitNode::needs_quorum_registration_restart`). On 4.0 the broker is
     // killed right after the declaration.
-    let mut node = on_node(node, |n| {
-        if n.needs_quorum_registration_restart()? {
-            println!(
-                "RabbitMQ {}: restarting the broker cleanly before killing it",
-                n.version()?
-            );
-            n.stop()?;
-            n.start_again()?;
-        }
-        Ok(())
-    })
-    .await;
+    let mut node = on_node(node, |n| n.settle_new_quorum_queues().map(drop)).await;
     let dir = tempfile::tempdir().unwrap();
     let running = warren_sidecar::start(test_config(&node.amqp_url(), dir.path()))
         .await

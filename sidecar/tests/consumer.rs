@@ -570,18 +570,7 @@ async fn consumption_resumes_after_broker_kill9_and_graceful_stop() {
     // RabbitMQ 3.10 only: a clean restart after declaring, or a SIGKILL can
     // lose the young quorum queue's leader (see
     // `RabbitNode::needs_quorum_registration_restart`).
-    let mut node = on_node(f.node, |n| {
-        if n.needs_quorum_registration_restart()? {
-            println!(
-                "RabbitMQ {}: restarting the broker cleanly before killing it",
-                n.version()?
-            );
-            n.stop()?;
-            n.start_again()?;
-        }
-        Ok(())
-    })
-    .await;
+    let mut node = on_node(f.node, |n| n.settle_new_quorum_queues().map(drop)).await;
     let account = Account::new();
     let producers = Producers::start(
         &f.api,

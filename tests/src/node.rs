@@ -819,6 +819,24 @@ impl RabbitNode {
         Ok(self.major_minor()? < (4, 0))
     }
 
+    /// Before a test kills this node: on a broker that
+    /// [needs it](Self::needs_quorum_registration_restart) (RabbitMQ 3.10),
+    /// restart it cleanly so that the quorum queues just declared survive
+    /// a SIGKILL, and say so; on 4.0, nothing. Returns whether it
+    /// restarted.
+    pub fn settle_new_quorum_queues(&mut self) -> anyhow::Result<bool> {
+        if !self.needs_quorum_registration_restart()? {
+            return Ok(false);
+        }
+        println!(
+            "RabbitMQ {}: restarting the broker cleanly before killing it",
+            self.version()?
+        );
+        self.stop()?;
+        self.start_again()?;
+        Ok(true)
+    }
+
     /// The Erlang node name, e.g. for `rabbitmqctl -n`.
     pub fn node_name(&self) -> &str {
         &self.name

@@ -36,133 +36,77 @@ enum Runs {
 }
 
 /// Every documented command, by the start of its text (the longest
-/// matching start wins), and where it runs.
-const RUNS: &[(&str, Runs)] = &[
-    ("bash scripts/test", Runs::Ci),
+/// matching start wins), grouped by where it runs.
+const RUNS: &[(Runs, &[&str])] = &[
+    (Runs::Ci, &["bash scripts/test"]),
     (
-        "scripts/demo",
         Runs::Test(
             "tests/tests/faults.rs",
             "the_demo_rides_out_broker_outages_and_shows_the_full_outbox_on_its_own",
         ),
+        &["scripts/demo"],
     ),
     (
-        "helm install warren charts/warren --namespace",
         Runs::Test("tests/src/operator.rs", "install_chart"),
+        &[
+            "helm install warren charts/warren --namespace",
+            "kubectl wait --for=condition=Established",
+        ],
     ),
     (
-        "kubectl wait --for=condition=Established",
-        Runs::Test("tests/src/operator.rs", "install_chart"),
-    ),
-    (
-        "kubectl apply -f examples/orders.yaml -f examples/orders-app.yaml",
         Runs::Test(
             "tests/tests/cluster.rs",
             "chart_installs_and_the_api_server_enforces_the_crds",
         ),
+        &["kubectl apply -f examples/orders.yaml -f examples/orders-app.yaml"],
     ),
     (
-        "cargo run --release -p warren-sidecar --",
         Runs::Test(
             "tests/tests/docs.rs",
             "the_sidecar_quick_start_runs_as_written",
         ),
+        &["cargo run --release -p warren-sidecar --", "curl "],
     ),
     (
-        "curl ",
-        Runs::Test(
-            "tests/tests/docs.rs",
-            "the_sidecar_quick_start_runs_as_written",
-        ),
-    ),
-    (
-        "cargo run -p warren-operator -- apply",
         Runs::Test("tests/tests/docs.rs", "apply_and_inject_run_as_written"),
+        &[
+            "cargo run -p warren-operator -- apply",
+            "cargo run -p warren-operator -- inject",
+        ],
     ),
     (
-        "cargo run -p warren-operator -- inject",
-        Runs::Test("tests/tests/docs.rs", "apply_and_inject_run_as_written"),
-    ),
-    (
-        "scripts/bench --quick",
         Runs::Test(
             "bench/tests/quick.rs",
             "quick_run_reports_every_figure_and_target",
         ),
+        &["scripts/bench --quick"],
     ),
     // docs/cluster.md: a local control plane, up and down.
     (
-        "eval \"$(scripts/cluster up)\"",
         Runs::Test("tests/tests/cluster.rs", "scripts_cluster_up_and_down"),
-    ),
-    (
-        "kubectl get --raw /readyz",
-        Runs::Test("tests/tests/cluster.rs", "scripts_cluster_up_and_down"),
-    ),
-    (
-        "kubectl get namespaces",
-        Runs::Test("tests/tests/cluster.rs", "scripts_cluster_up_and_down"),
-    ),
-    (
-        "scripts/cluster down",
-        Runs::Test("tests/tests/cluster.rs", "scripts_cluster_up_and_down"),
+        &[
+            "eval \"$(scripts/cluster up)\"",
+            "kubectl get --raw /readyz",
+            "kubectl get namespaces",
+            "scripts/cluster down",
+        ],
     ),
     // docs/cluster.md: the operator run against it.
     (
-        "helm install warren charts/warren -n warren-system --create-namespace --set webhook.externalName=localhost",
         Runs::Test(
             "tests/tests/cluster.rs",
             "the_operator_runs_against_a_local_plane_as_docs_cluster_md_shows",
         ),
-    ),
-    (
-        "kubectl create token warren",
-        Runs::Test(
-            "tests/tests/cluster.rs",
-            "the_operator_runs_against_a_local_plane_as_docs_cluster_md_shows",
-        ),
-    ),
-    (
-        "kubectl get configmap warren-injection",
-        Runs::Test(
-            "tests/tests/cluster.rs",
-            "the_operator_runs_against_a_local_plane_as_docs_cluster_md_shows",
-        ),
-    ),
-    (
-        "cp \"$KUBECONFIG\"",
-        Runs::Test(
-            "tests/tests/cluster.rs",
-            "the_operator_runs_against_a_local_plane_as_docs_cluster_md_shows",
-        ),
-    ),
-    (
-        "export KUBECONFIG=",
-        Runs::Test(
-            "tests/tests/cluster.rs",
-            "the_operator_runs_against_a_local_plane_as_docs_cluster_md_shows",
-        ),
-    ),
-    (
-        "kubectl config ",
-        Runs::Test(
-            "tests/tests/cluster.rs",
-            "the_operator_runs_against_a_local_plane_as_docs_cluster_md_shows",
-        ),
-    ),
-    (
-        "kubectl auth whoami",
-        Runs::Test(
-            "tests/tests/cluster.rs",
-            "the_operator_runs_against_a_local_plane_as_docs_cluster_md_shows",
-        ),
-    ),
-    (
-        "POD_NAMESPACE=warren-system",
-        Runs::Test(
-            "tests/tests/cluster.rs",
-            "the_operator_runs_against_a_local_plane_as_docs_cluster_md_shows",
-        ),
+        &[
+            "helm install warren charts/warren -n warren-system --create-namespace --set webhook.externalName=localhost",
+            "kubectl create token warren",
+            "kubectl get configmap warren-injection",
+            "cp \"$KUBECONFIG\"",
+            "export KUBECONFIG=",
+            "kubectl config ",
+            "kubectl auth whoami",
+            "POD_NAMESPACE=warren-system",
+        ],
     ),
 ];
 
@@ -180,8 +124,12 @@ fn every_command_in_the_docs_is_run_by_a_test_or_by_ci() {
         commands.len() >= 10,
         "the documents' commands were not found: {commands:?}"
     );
+    let entries: Vec<(&str, &Runs)> = RUNS
+        .iter()
+        .flat_map(|(runs, prefixes)| prefixes.iter().map(move |p| (*p, runs)))
+        .collect();
     for (doc, command) in &commands {
-        let Some((i, (_, runs))) = RUNS
+        let Some((i, (_, runs))) = entries
             .iter()
             .enumerate()
             .filter(|(_, (prefix, _))| command.starts_with(prefix))
@@ -211,7 +159,7 @@ fn every_command_in_the_docs_is_run_by_a_test_or_by_ci() {
             }
         }
     }
-    for (i, (prefix, _)) in RUNS.iter().enumerate() {
+    for (i, (prefix, _)) in entries.iter().enumerate() {
         if !used.contains(&i) {
             problems.push(format!(
                 "RUNS lists `{prefix}…`, which no document has any more"
