@@ -11,7 +11,7 @@
 //! broker is back, the sidecar's memory idle and with a large backlog, the
 //! backlog's size on disk and the restart with it after `kill -9`. Every
 //! sidecar figure is measured once per outbox engine (`--engines`,
-//! default `segment,sled`), side by side in one run.
+//! default `segment,sled,fjall`), side by side in one run.
 //! The transactional outbox relay, from a private PostgreSQL cluster:
 //! rows per second end to end, and commit-to-consumer latency at low load.
 //!
@@ -84,7 +84,7 @@ struct Args {
     /// Outbox engines to measure, side by side (the first one's figures
     /// carry the plain keys and the targets; the others' keys end in
     /// `_<engine>`).
-    #[arg(long, value_delimiter = ',', default_value = "segment,sled")]
+    #[arg(long, value_delimiter = ',', default_value = "segment,sled,fjall")]
     engines: Vec<String>,
 }
 

@@ -28,6 +28,9 @@ pub enum EngineKind {
     /// sled: measured at about 1.5× the records' size on disk, up to twice
     /// while it rewrites.
     Sled,
+    /// fjall: its tables, a journal of up to 64 MiB, and room to rewrite
+    /// tables while it compacts; counted as for sled.
+    Fjall,
 }
 
 /// The most record bytes (as `--max-outbox-bytes` counts them) a volume of
@@ -46,7 +49,7 @@ pub fn max_bytes_for_volume(
             .checked_sub(2 * segment_bytes)?
             .checked_sub(FRAME_OVERHEAD.saturating_mul(max_messages))?
             .checked_sub(FIXED_RESERVE)?,
-        EngineKind::Sled => usable.checked_sub(FIXED_RESERVE)? / 2,
+        EngineKind::Sled | EngineKind::Fjall => usable.checked_sub(FIXED_RESERVE)? / 2,
     };
     (room > 0).then_some(room)
 }
@@ -134,5 +137,9 @@ mod tests {
             None
         );
         assert!(max_bytes_for_volume(100 << 20, EngineKind::Sled, 64 << 20, 1_000_000).is_some());
+        assert_eq!(
+            max_bytes_for_volume(1 << 30, EngineKind::Fjall, 64 << 20, 1_000_000),
+            max_bytes_for_volume(1 << 30, EngineKind::Sled, 64 << 20, 1_000_000)
+        );
     }
 }

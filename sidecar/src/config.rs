@@ -99,8 +99,8 @@ pub struct Config {
     pub durability: Durability,
 
     /// Storage engine of the outbox: the append-only segment log
-    /// (`segment`), or `sled`. A sled outbox found in the data directory is
-    /// moved into the segment log on start.
+    /// (`segment`), `sled` or `fjall`. A sled outbox found in the data
+    /// directory is moved into the segment log on start.
     #[arg(
         long,
         env = "WARREN_OUTBOX_ENGINE",
@@ -189,7 +189,8 @@ pub struct Config {
     #[arg(long, env = "WARREN_TLS_CA_FILE")]
     pub tls_ca_file: Option<PathBuf>,
 
-    /// Memory sled may use as cache, in bytes (sled engine only).
+    /// Memory the sled or fjall engine may use as cache, in bytes (not
+    /// used by the segment log).
     #[arg(long, env = "WARREN_OUTBOX_CACHE_BYTES", default_value_t = 16 << 20)]
     pub outbox_cache_bytes: u64,
 

@@ -317,15 +317,19 @@ impl Forwarder {
             if s.inflight.is_empty() {
                 s.last_progress = Instant::now();
             }
-            s.inflight_meta.insert(
-                entry.seq,
-                Published {
-                    exchange: msg.exchange.clone(),
-                    routing_key: msg.routing_key.clone(),
-                    message_id: msg.message_id.clone(),
-                },
-            );
             let (seq, size) = (entry.seq, entry.size);
+            if let Ok(m) = entry.message {
+                // Sent: its names move to the in-flight record, where a
+                // return is matched against them.
+                s.inflight_meta.insert(
+                    seq,
+                    Published {
+                        exchange: m.exchange,
+                        routing_key: m.routing_key,
+                        message_id: m.message_id,
+                    },
+                );
+            }
             s.inflight
                 .push(Box::pin(async move { (seq, size, confirm.await) }));
         }

@@ -450,6 +450,7 @@ fn outbox_byte_limit(cfg: &Config) -> anyhow::Result<u64> {
     let engine = match cfg.outbox_engine {
         Engine::Segment => EngineKind::Segment,
         Engine::Sled => EngineKind::Sled,
+        Engine::Fjall => EngineKind::Fjall,
     };
     let volume = filesystem_bytes(&cfg.data_dir)
         .with_context(|| format!("cannot read the size of {}", cfg.data_dir.display()))?;

@@ -111,6 +111,16 @@ impl LogFile for FaultFile {
     fn size(&self) -> io::Result<u64> {
         Ok(self.data.lock().unwrap().bytes.len() as u64)
     }
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(enospc());
+        }
+        let mut d = self.data.lock().unwrap();
+        if d.bytes.len() < len as usize {
+            d.bytes.resize(len as usize, 0);
+        }
+        Ok(())
+    }
 }
 
 impl FaultFs {
@@ -558,8 +568,10 @@ async fn torn_and_corrupt_tails_are_cut_and_the_log_goes_on() {
     }
     for cut in [1usize, 7, 17, 100] {
         let image = fs.crash_image(false, &mut rng);
-        // Tear the newest segment: drop its last `cut` bytes and append
-        // garbage that looks like the start of a frame.
+        // Tear the newest segment: drop the last `cut` bytes of its frames
+        // (the zeros of the space allocated ahead go first) and append
+        // garbage that looks like the start of a frame, followed by
+        // allocated space or not.
         {
             let files = image.files.lock().unwrap();
             let newest = files
@@ -568,9 +580,13 @@ async fn torn_and_corrupt_tails_are_cut_and_the_log_goes_on() {
                 .max()
                 .unwrap();
             let mut d = files[newest].data.lock().unwrap();
-            let len = d.bytes.len();
-            d.bytes.truncate(len.saturating_sub(cut));
+            let frames_end = d.bytes.iter().rposition(|&b| b != 0).unwrap() + 1;
+            d.bytes.truncate(frames_end.saturating_sub(cut));
             d.bytes.extend_from_slice(&[0, 0, 1, 0, 0xde, 0xad]);
+            if cut % 2 == 1 {
+                let len = d.bytes.len();
+                d.bytes.resize(len + 4096, 0);
+            }
         }
         let (_s, reopened) = open(&image, Durability::Flush);
         let found: Vec<Message> = all_pending(&reopened).into_values().collect();
@@ -759,6 +775,54 @@ async fn sled_outbox_survives_reopen_in_order() {
     .unwrap();
     let found: Vec<Message> = all_pending(&outbox).into_values().collect();
     assert_eq!(found, sent);
+}
+
+#[tokio::test]
+async fn fjall_outbox_keeps_pending_and_dead_entries_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = StdRng::seed_from_u64(7);
+    let sent: Vec<Message> = (0..400).map(|i| msg(i, &mut rng)).collect();
+    let open_fjall = || {
+        let store = open_store(
+            Engine::Fjall,
+            dir.path(),
+            SegmentOptions::default(),
+            1 << 20,
+            None,
+        )
+        .unwrap();
+        Outbox::open(store, limits(), Durability::Flush, Arc::new(Metrics::new())).unwrap()
+    };
+    let (seqs, removed) = {
+        let outbox = open_fjall();
+        let mut seqs = Vec::new();
+        for chunk in sent.chunks(40) {
+            seqs.extend(outbox.append(chunk.to_vec()).await.unwrap());
+        }
+        // Confirmed ones go, one is dead-lettered.
+        let first: Vec<_> = outbox.read_pending(0, 10).unwrap();
+        outbox
+            .remove(
+                &first[..5]
+                    .iter()
+                    .map(|e| (e.seq, e.size))
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+        outbox.dead_letter(&first[5], "refused", 3).await.unwrap();
+        outbox.sync().await.unwrap();
+        (seqs, 6)
+    };
+    assert!(dir.path().join("fjall").is_dir());
+    let outbox = open_fjall();
+    let found = all_pending(&outbox);
+    assert_eq!(found.keys().copied().collect::<Vec<_>>(), seqs[removed..]);
+    assert_eq!(found.into_values().collect::<Vec<_>>(), sent[removed..]);
+    assert_eq!(outbox.stats().pending, 400 - removed as u64);
+    assert_eq!(outbox.stats().dead, 1);
+    assert_eq!(outbox.dead(0, 10).unwrap()[0].0, seqs[5]);
+    let next = outbox.append(vec![msg(1000, &mut rng)]).await.unwrap()[0];
+    assert!(next > *seqs.last().unwrap());
 }
 
 #[tokio::test]

@@ -16,9 +16,11 @@
 //! recover now and then; an engine that can (the segment log rewrites what
 //! was not known durable) lifts the poison without a restart.
 //!
-//! Engines: [`segment`] (default, an append-only log with group commit) and
-//! sled ([`store::SledStore`]), both behind [`Store`].
+//! Engines: [`segment`] (default, an append-only log with group commit),
+//! sled ([`store::SledStore`]) and fjall ([`fjall_store::FjallStore`]), all
+//! behind [`Store`].
 
+pub mod fjall_store;
 pub mod record;
 pub mod segment;
 pub mod store;
@@ -30,6 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::sync::{Notify, oneshot};
 
+pub use fjall_store::{FJALL_DIR, FjallStore};
 pub use record::{DeadEntry, DecodeError, EncodeError, Message};
 pub use segment::{LogFile, LogFs, RealFs, SegmentOptions, SegmentStore};
 pub use store::{Area, Op, SledStore, Store, StoreError, Summary};
@@ -56,6 +59,8 @@ pub enum Engine {
     Segment,
     /// sled, as before the segment log.
     Sled,
+    /// fjall, a maintained log-structured key-value store.
+    Fjall,
 }
 
 /// Where the segment log lives inside the data directory (sled's files stay
@@ -87,6 +92,10 @@ pub fn open_store(
                 sled_flush_every,
             )?))
         }
+        Engine::Fjall => Ok(Arc::new(FjallStore::open(
+            &data_dir.join(FJALL_DIR),
+            sled_cache_bytes,
+        )?)),
         Engine::Segment => {
             let log = data_dir.join(SEGMENT_DIR);
             let has_sled = data_dir.join("conf").exists() && data_dir.join("db").exists();

@@ -65,6 +65,12 @@ const READ_CHUNK: usize = 256 * 1024;
 /// Largest payload a frame may carry; anything larger is treated as a torn
 /// length field.
 const MAX_PAYLOAD: u32 = 1 << 30;
+/// The active segment's file is extended ahead of its writes in steps of
+/// this much (up to the segment size), so that a `fdatasync` after a write
+/// commits only data, not a new file size as well. The space past the last
+/// frame reads as zeros, which no frame can be; a scan stops there and
+/// sealed segments are cut back to their frames.
+const ALLOCATE_STEP: u64 = 8 << 20;
 
 /// A file as the log uses it. The indirection lets tests fail a write, a
 /// sync or a rename after N operations and simulate what a crash keeps.
@@ -79,6 +85,17 @@ pub trait LogFile: Send + Sync {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// The file's current size.
     fn size(&self) -> io::Result<u64>;
+    /// Extends the file to at least `len` bytes, with its blocks allocated
+    /// where the file system can, reading as zeros. Writes inside that
+    /// space leave the file's size alone, so the `fdatasync` after them has
+    /// no size change to commit.
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        if self.size()? < len {
+            self.set_len(len)
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// The file system under the log.
@@ -125,6 +142,40 @@ impl LogFile for std::fs::File {
     }
     fn size(&self) -> io::Result<u64> {
         Ok(self.metadata()?.len())
+    }
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        let size = self.metadata()?.len();
+        if size >= len {
+            return Ok(());
+        }
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            loop {
+                // SAFETY: fallocate on a descriptor this File owns, for a
+                // range past its current end (mode 0 extends the size).
+                let r = unsafe {
+                    libc::fallocate(
+                        self.as_raw_fd(),
+                        0,
+                        size as libc::off_t,
+                        (len - size) as libc::off_t,
+                    )
+                };
+                if r == 0 {
+                    return Ok(());
+                }
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // The file system cannot allocate ahead: a sparse
+                    // extension still keeps the size unchanged while writing.
+                    Some(libc::EOPNOTSUPP) => break,
+                    _ => return Err(e),
+                }
+            }
+        }
+        std::fs::File::set_len(self, len)
     }
 }
 
@@ -206,6 +257,8 @@ struct SegMeta {
     written: u64,
     /// Bytes covered by a successful `fdatasync`.
     synced: u64,
+    /// The file's size, frames plus the space allocated ahead of them.
+    allocated: u64,
     /// First and last sequence of its in-order records.
     first: Option<u64>,
     last: u64,
@@ -232,6 +285,7 @@ impl SegMeta {
             len: HEADER_LEN,
             written: 0,
             synced: 0,
+            allocated: 0,
             first: None,
             last: 0,
             count: 0,
@@ -555,7 +609,27 @@ fn scan_file(file: Arc<dyn LogFile>, path: &Path) -> Result<Scanned, StoreError>
     meta.len = pos;
     meta.written = pos;
     meta.synced = pos;
+    meta.allocated = size;
     Ok(Scanned { meta, valid: pos })
+}
+
+/// Whether `file` holds only zero bytes in `from..to` (space allocated
+/// ahead of the frames, as opposed to a torn or corrupt tail).
+fn zeros_from(file: &dyn LogFile, from: u64, to: u64) -> io::Result<bool> {
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut pos = from;
+    while pos < to {
+        let want = buf.len().min((to - pos) as usize);
+        let got = file.read_at(&mut buf[..want], pos)?;
+        if got == 0 {
+            break;
+        }
+        if buf[..got].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        pos += got as u64;
+    }
+    Ok(true)
 }
 
 /// A sealed segment's summary as the checkpoint keeps it.
@@ -744,12 +818,15 @@ impl SegmentStore {
                 .map_err(|e| io_err("cannot open", &path, e))?;
             let size = file.size().map_err(|e| io_err("cannot stat", &path, e))?;
             next_seg = next_seg.max(id + 1);
-            let meta = match known.remove(&id).filter(|k| k.len == size) {
+            // A sealed segment never grows after the checkpoint that lists
+            // it; space allocated ahead and not yet cut back reads as zeros.
+            let meta = match known.remove(&id).filter(|k| k.len <= size) {
                 Some(k) => SegMeta {
                     file,
                     len: k.len,
                     written: k.len,
                     synced: k.len,
+                    allocated: size,
                     first: k.first,
                     last: k.last,
                     count: k.count,
@@ -762,17 +839,24 @@ impl SegmentStore {
                 },
                 None => {
                     scanned += 1;
-                    let s = scan_file(file.clone(), &path)?;
+                    let mut s = scan_file(file.clone(), &path)?;
                     if s.valid < size {
-                        tracing::warn!(
-                            segment = %path.display(),
-                            valid = s.valid,
-                            size,
-                            "cutting a torn or corrupt tail off an outbox segment"
-                        );
+                        if zeros_from(file.as_ref(), s.valid, size)
+                            .map_err(|e| io_err("cannot read", &path, e))?
+                        {
+                            tracing::debug!(segment = %path.display(), valid = s.valid, size, "cutting allocated space off an outbox segment");
+                        } else {
+                            tracing::warn!(
+                                segment = %path.display(),
+                                valid = s.valid,
+                                size,
+                                "cutting a torn or corrupt tail off an outbox segment"
+                            );
+                        }
                         file.set_len(s.valid)
                             .and_then(|()| file.sync_data())
                             .map_err(|e| io_err("cannot cut", &path, e))?;
+                        s.meta.allocated = s.valid;
                     }
                     s.meta
                 }
@@ -987,11 +1071,21 @@ impl SegmentStore {
         let mut failure = None;
         for c in &chunks {
             let seg = g.segs.get_mut(&c.seg).expect("segment of a chunk");
+            let end = c.off + c.bytes.len() as u64;
+            if end > seg.allocated && !seg.sealed {
+                let target = end.max((seg.allocated + ALLOCATE_STEP).min(self.opts.segment_bytes));
+                if let Err(e) = seg.file.allocate(target) {
+                    failure = Some(io_err("cannot allocate", &self.seg_path(c.seg), e));
+                    break;
+                }
+                seg.allocated = target;
+            }
             if let Err(e) = seg.file.write_at(&c.bytes, c.off) {
                 failure = Some(io_err("cannot write", &self.seg_path(c.seg), e));
                 break;
             }
-            seg.written = c.off + c.bytes.len() as u64;
+            seg.written = end;
+            seg.allocated = seg.allocated.max(end);
         }
         // Kept in memory until synced: after a failure, recovery rewrites
         // them elsewhere instead of trusting the file.
@@ -1047,8 +1141,19 @@ impl SegmentStore {
             }
         }
         // A newly sealed segment belongs in the checkpoint, so that a
-        // restart need not scan it.
+        // restart need not scan it; the space allocated ahead of its frames
+        // is given back.
         g.acks_dirty |= sealed_synced;
+        for (&id, s) in g.segs.iter_mut() {
+            if s.sealed && s.synced == s.len && s.allocated > s.len {
+                match s.file.set_len(s.len) {
+                    Ok(()) => s.allocated = s.len,
+                    Err(e) => {
+                        tracing::warn!(segment = id, error = %e, "cannot cut allocated space off a sealed outbox segment")
+                    }
+                }
+            }
+        }
         // Only this thread moves chunks into `unsynced`, so all of them
         // were covered.
         g.unsynced.clear();
@@ -1466,6 +1571,10 @@ impl SegmentStore {
             .filter(|s| s.first.is_some())
             .map(|s| s.last)
             .max();
+        // Nothing more is appended to the segments there are.
+        for s in g.segs.values_mut() {
+            s.sealed = true;
+        }
         // A fresh segment for the rewritten records.
         let id = g.segs.keys().next_back().copied().unwrap_or(0) + 1;
         let path = self.seg_path(id);
@@ -1757,6 +1866,9 @@ impl Drop for SegmentStore {
             let active = g.active;
             if let Some(s) = g.segs.get_mut(&active) {
                 s.sealed = true;
+                if s.allocated > s.len && s.file.set_len(s.len).is_ok() {
+                    s.allocated = s.len;
+                }
             }
         }
         if let Err(e) = self.checkpoint() {
@@ -1789,6 +1901,72 @@ mod tests {
         a.raise_floor(15);
         assert_eq!(a.floor, 15);
         assert!(a.contains(20) && !a.contains(19));
+    }
+
+    fn seg_sizes(dir: &Path) -> Vec<u64> {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+            .collect();
+        names.sort();
+        names
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .collect()
+    }
+
+    fn put(key: u64, value: Vec<u8>) -> Op {
+        Op::Put {
+            area: Area::Pending,
+            key,
+            value,
+        }
+    }
+
+    #[test]
+    fn the_active_segment_is_allocated_ahead_and_cut_back_to_its_frames() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = SegmentOptions {
+            segment_bytes: 1 << 20,
+            ..SegmentOptions::default()
+        };
+        let frame = (FRAME_HEADER + 1000) as u64;
+        let store = SegmentStore::open(dir.path(), opts).unwrap();
+        store
+            .apply((1..=10).map(|k| put(k, vec![k as u8; 1000])).collect())
+            .unwrap();
+        store.flush().unwrap();
+        // Allocated ahead: the file is larger than its frames.
+        assert_eq!(seg_sizes(dir.path()), vec![1 << 20]);
+        // A crash (no clean close): the reopen keeps every frame and cuts
+        // the zeros after them.
+        std::mem::forget(store);
+        let store = SegmentStore::open(dir.path(), opts).unwrap();
+        let found = store.scan(Area::Pending, 0, 100).unwrap();
+        assert_eq!(found.len(), 10);
+        assert_eq!(found[9], (10, vec![10u8; 1000]));
+        assert_eq!(seg_sizes(dir.path())[0], HEADER_LEN + 10 * frame);
+        // Past the segment size the log rotates: the sealed segment is cut
+        // back to its frames once synced, the new one is allocated ahead.
+        let n = (1u64 << 20) / frame + 10;
+        store
+            .apply((11..11 + n).map(|k| put(k, vec![k as u8; 1000])).collect())
+            .unwrap();
+        store.flush().unwrap();
+        let sizes = seg_sizes(dir.path());
+        assert_eq!(sizes.len(), 3, "{sizes:?}");
+        assert_eq!((sizes[1] - HEADER_LEN) % frame, 0, "{sizes:?}");
+        assert!(sizes[1] < 1 << 20, "{sizes:?}");
+        assert_eq!(sizes[2], 1 << 20, "{sizes:?}");
+        // A clean close gives the allocated space back and the reopen
+        // trusts the checkpoint.
+        drop(store);
+        assert_eq!((seg_sizes(dir.path())[2] - HEADER_LEN) % frame, 0);
+        let store = SegmentStore::open(dir.path(), opts).unwrap();
+        let found = store.scan(Area::Pending, 0, 100_000).unwrap();
+        assert_eq!(found.len() as u64, 10 + n);
+        assert!(found.iter().all(|(k, v)| v == &vec![*k as u8; 1000]));
     }
 
     #[test]
