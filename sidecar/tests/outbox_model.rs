@@ -26,6 +26,8 @@ struct Faults {
     write_at: Option<usize>,
     sync_at: Option<usize>,
     rename_at: Option<usize>,
+    /// Allocating ahead always fails (a file system without room for it).
+    no_allocate: bool,
 }
 
 /// One file: what reads see, and how much of it a host crash keeps.
@@ -112,7 +114,7 @@ impl LogFile for FaultFile {
         Ok(self.data.lock().unwrap().bytes.len() as u64)
     }
     fn allocate(&self, len: u64) -> io::Result<()> {
-        if self.full.load(Ordering::SeqCst) {
+        if self.full.load(Ordering::SeqCst) || self.faults.no_allocate {
             return Err(enospc());
         }
         let mut d = self.data.lock().unwrap();
@@ -555,6 +557,25 @@ async fn buffered_mode_answers_after_the_write_before_the_sync() {
     assert!(all_pending(&reopened).contains_key(&seq));
     outbox.sync().await.unwrap();
     assert!(fs.syncs.load(Ordering::SeqCst) > syncs);
+}
+
+#[tokio::test]
+async fn a_log_that_cannot_allocate_ahead_still_stores_everything() {
+    let fs = FaultFs::new(Faults {
+        no_allocate: true,
+        ..Faults::default()
+    });
+    let (_store, outbox) = open(&fs, Durability::Flush);
+    let mut rng = StdRng::seed_from_u64(12);
+    let sent: Vec<Message> = (0..300).map(|i| msg(i, &mut rng)).collect();
+    for chunk in sent.chunks(30) {
+        outbox.append(chunk.to_vec()).await.unwrap();
+    }
+    assert!(outbox.poisoned().is_none());
+    let image = fs.crash_image(true, &mut rng);
+    let (_s, reopened) = open(&image, Durability::Flush);
+    let found: Vec<Message> = all_pending(&reopened).into_values().collect();
+    assert_eq!(found, sent);
 }
 
 #[tokio::test]

@@ -4,9 +4,10 @@
 //!
 //! Each [`Area`] is a fjall keyspace with big-endian sequence numbers as
 //! keys, so byte order is sequence order. An [`Store::apply`] is one fjall
-//! write batch (atomic through fjall's journal); [`Store::flush`] is
-//! `persist(SyncData)`, one `fdatasync` of the journal covering every batch
-//! before it; [`Store::write_out`] hands the journal's buffer to the kernel.
+//! write batch (atomic through fjall's journal), kept in the journal's
+//! buffer; [`Store::flush`] is `persist(SyncData)`, one `write` and one
+//! `fdatasync` of the journal covering every batch before it;
+//! [`Store::write_out`] hands the journal's buffer to the kernel.
 //! Memory is bounded by the memtable size and the block cache
 //! (`--outbox-cache-bytes`), not by the backlog.
 
@@ -46,6 +47,10 @@ impl FjallStore {
         let db = Database::builder(dir)
             .cache_size(cache_bytes)
             .max_journaling_size(JOURNAL_BYTES)
+            // Batches stay in the journal's buffer until the outbox's flush
+            // thread persists them, once for every batch waiting (group
+            // commit), instead of one `write` each.
+            .manual_journal_persist(true)
             .worker_threads(1)
             .open()
             .map_err(|e| StoreError(format!("cannot open outbox in {}: {e}", dir.display())))?;

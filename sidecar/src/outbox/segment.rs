@@ -1073,12 +1073,15 @@ impl SegmentStore {
             let seg = g.segs.get_mut(&c.seg).expect("segment of a chunk");
             let end = c.off + c.bytes.len() as u64;
             if end > seg.allocated && !seg.sealed {
+                // Only an optimisation: on a nearly full disk the write
+                // alone may still fit, and it decides.
                 let target = end.max((seg.allocated + ALLOCATE_STEP).min(self.opts.segment_bytes));
-                if let Err(e) = seg.file.allocate(target) {
-                    failure = Some(io_err("cannot allocate", &self.seg_path(c.seg), e));
-                    break;
+                match seg.file.allocate(target) {
+                    Ok(()) => seg.allocated = target,
+                    Err(e) => {
+                        tracing::debug!(segment = c.seg, error = %e, "cannot allocate ahead in an outbox segment")
+                    }
                 }
-                seg.allocated = target;
             }
             if let Err(e) = seg.file.write_at(&c.bytes, c.off) {
                 failure = Some(io_err("cannot write", &self.seg_path(c.seg), e));
