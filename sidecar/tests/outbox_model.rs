@@ -798,22 +798,18 @@ async fn sled_outbox_survives_reopen_in_order() {
     assert_eq!(found, sent);
 }
 
+/// The outbox over `engine` in `dir`, as the sidecar opens it.
+fn open_engine(engine: Engine, dir: &Path) -> Arc<Outbox> {
+    let store = open_store(engine, dir, SegmentOptions::default(), 1 << 20, None).unwrap();
+    Outbox::open(store, limits(), Durability::Flush, Arc::new(Metrics::new())).unwrap()
+}
+
 #[tokio::test]
 async fn fjall_outbox_keeps_pending_and_dead_entries_across_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = StdRng::seed_from_u64(7);
     let sent: Vec<Message> = (0..400).map(|i| msg(i, &mut rng)).collect();
-    let open_fjall = || {
-        let store = open_store(
-            Engine::Fjall,
-            dir.path(),
-            SegmentOptions::default(),
-            1 << 20,
-            None,
-        )
-        .unwrap();
-        Outbox::open(store, limits(), Durability::Flush, Arc::new(Metrics::new())).unwrap()
-    };
+    let open_fjall = || open_engine(Engine::Fjall, dir.path());
     let (seqs, removed) = {
         let outbox = open_fjall();
         let mut seqs = Vec::new();
@@ -869,17 +865,7 @@ async fn a_sled_outbox_is_moved_into_the_segment_log_on_upgrade() {
         let first_seq = seqs[0];
         (seqs, first_seq)
     };
-    let open_segment = || {
-        let store = open_store(
-            Engine::Segment,
-            dir.path(),
-            SegmentOptions::default(),
-            1 << 20,
-            None,
-        )
-        .unwrap();
-        Outbox::open(store, limits(), Durability::Flush, Arc::new(Metrics::new())).unwrap()
-    };
+    let open_segment = || open_engine(Engine::Segment, dir.path());
     let outbox = open_segment();
     let found = all_pending(&outbox);
     assert_eq!(found.keys().copied().collect::<Vec<_>>(), seqs[1..]);

@@ -145,62 +145,13 @@ impl Store for FjallStore {
 
 #[cfg(test)]
 mod tests {
+    use super::super::store::tests::{check_areas_are_separate_and_ordered, put};
     use super::*;
-
-    fn put(area: Area, key: u64, value: &[u8]) -> Op {
-        Op::Put {
-            area,
-            key,
-            value: value.to_vec(),
-        }
-    }
 
     #[test]
     fn areas_are_separate_and_ordered() {
         let dir = tempfile::tempdir().unwrap();
-        let store = FjallStore::open(dir.path(), 1 << 20).unwrap();
-        store
-            .apply(vec![
-                put(Area::Pending, 300, b"c"),
-                put(Area::Pending, 2, b"a"),
-                put(Area::Dead, 1, b"dead"),
-                put(Area::Pending, 256, b"b"),
-            ])
-            .unwrap();
-        let keys: Vec<u64> = store
-            .scan(Area::Pending, 0, 10)
-            .unwrap()
-            .iter()
-            .map(|(k, _)| *k)
-            .collect();
-        assert_eq!(keys, vec![2, 256, 300]);
-        assert_eq!(
-            store.scan(Area::Pending, 257, 10).unwrap(),
-            vec![(300, b"c".to_vec())]
-        );
-        assert_eq!(store.scan(Area::Pending, 0, 2).unwrap().len(), 2);
-        assert_eq!(
-            store.scan(Area::Dead, 0, 10).unwrap(),
-            vec![(1, b"dead".to_vec())]
-        );
-        store
-            .apply(vec![Op::Delete {
-                area: Area::Pending,
-                key: 2,
-            }])
-            .unwrap();
-        assert_eq!(store.get(Area::Pending, 2).unwrap(), None);
-        assert_eq!(store.get(Area::Pending, 256).unwrap(), Some(b"b".to_vec()));
-        assert_eq!(
-            store.summary().unwrap(),
-            Summary {
-                pending: 2,
-                pending_bytes: 2,
-                dead: 1,
-                dead_bytes: 4,
-                next_seq: 301,
-            }
-        );
+        check_areas_are_separate_and_ordered(&FjallStore::open(dir.path(), 1 << 20).unwrap());
     }
 
     #[test]

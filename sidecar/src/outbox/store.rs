@@ -242,41 +242,40 @@ impl Store for SledStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    #[test]
-    fn areas_are_separate_and_ordered() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path(), 1 << 20, None).unwrap();
+    pub(crate) fn put(area: Area, key: u64, value: &[u8]) -> Op {
+        Op::Put {
+            area,
+            key,
+            value: value.to_vec(),
+        }
+    }
+
+    /// What every engine must do with the two areas: keep them apart, scan
+    /// each in key order from any key, delete, and count.
+    pub(crate) fn check_areas_are_separate_and_ordered(store: &dyn Store) {
         store
             .apply(vec![
-                Op::Put {
-                    area: Area::Pending,
-                    key: 300,
-                    value: b"c".to_vec(),
-                },
-                Op::Put {
-                    area: Area::Pending,
-                    key: 2,
-                    value: b"a".to_vec(),
-                },
-                Op::Put {
-                    area: Area::Dead,
-                    key: 1,
-                    value: b"dead".to_vec(),
-                },
-                Op::Put {
-                    area: Area::Pending,
-                    key: 256,
-                    value: b"b".to_vec(),
-                },
+                put(Area::Pending, 300, b"c"),
+                put(Area::Pending, 2, b"a"),
+                put(Area::Dead, 1, b"dead"),
+                put(Area::Pending, 256, b"b"),
             ])
             .unwrap();
-        let pending = store.scan(Area::Pending, 0, 10).unwrap();
-        let keys: Vec<u64> = pending.iter().map(|(k, _)| *k).collect();
+        let keys: Vec<u64> = store
+            .scan(Area::Pending, 0, 10)
+            .unwrap()
+            .iter()
+            .map(|(k, _)| *k)
+            .collect();
         assert_eq!(keys, vec![2, 256, 300]);
-        assert_eq!(store.scan(Area::Pending, 257, 10).unwrap().len(), 1);
+        assert_eq!(
+            store.scan(Area::Pending, 257, 10).unwrap(),
+            vec![(300, b"c".to_vec())]
+        );
+        assert_eq!(store.scan(Area::Pending, 0, 2).unwrap().len(), 2);
         assert_eq!(
             store.scan(Area::Dead, 0, 10).unwrap(),
             vec![(1, b"dead".to_vec())]
@@ -289,6 +288,22 @@ mod tests {
             .unwrap();
         assert_eq!(store.get(Area::Pending, 2).unwrap(), None);
         assert_eq!(store.get(Area::Pending, 256).unwrap(), Some(b"b".to_vec()));
+        assert_eq!(
+            store.summary().unwrap(),
+            Summary {
+                pending: 2,
+                pending_bytes: 2,
+                dead: 1,
+                dead_bytes: 4,
+                next_seq: 301,
+            }
+        );
+    }
+
+    #[test]
+    fn areas_are_separate_and_ordered() {
+        let dir = tempfile::tempdir().unwrap();
+        check_areas_are_separate_and_ordered(&SledStore::open(dir.path(), 1 << 20, None).unwrap());
     }
 
     #[test]
