@@ -81,17 +81,13 @@ pub fn open_store(
     sled_cache_bytes: u64,
     sled_flush_every: Option<Duration>,
 ) -> Result<Arc<dyn Store>, StoreError> {
+    warn_about_other_engines(engine, data_dir);
     match engine {
-        Engine::Sled => {
-            if data_dir.join(SEGMENT_DIR).exists() {
-                tracing::warn!(dir = %data_dir.join(SEGMENT_DIR).display(), "a segment-log outbox exists here; the sled engine does not read it");
-            }
-            Ok(Arc::new(SledStore::open(
-                data_dir,
-                sled_cache_bytes,
-                sled_flush_every,
-            )?))
-        }
+        Engine::Sled => Ok(Arc::new(SledStore::open(
+            data_dir,
+            sled_cache_bytes,
+            sled_flush_every,
+        )?)),
         Engine::Fjall => Ok(Arc::new(FjallStore::open(
             &data_dir.join(FJALL_DIR),
             sled_cache_bytes,
@@ -108,6 +104,35 @@ pub fn open_store(
             Ok(Arc::new(SegmentStore::open(&log, opts)?))
         }
     }
+}
+
+/// Says so when the data directory holds an outbox of an engine that
+/// `engine` does not read: what it holds is not forwarded until that engine
+/// runs again.
+fn warn_about_other_engines(engine: Engine, data_dir: &Path) {
+    for other in other_engines(engine, data_dir) {
+        tracing::warn!(
+            dir = %data_dir.display(),
+            found = ?other,
+            using = ?engine,
+            "an outbox of another engine is in the data directory; this engine does not read it, so what it holds is not forwarded until that engine runs again"
+        );
+    }
+}
+
+/// The engines other than `engine` whose outbox is in `data_dir` and that
+/// `engine` does not read (the segment log moves a sled outbox into itself).
+fn other_engines(engine: Engine, data_dir: &Path) -> Vec<Engine> {
+    let sled = data_dir.join("conf").exists() && data_dir.join("db").exists();
+    [
+        (Engine::Segment, data_dir.join(SEGMENT_DIR).exists()),
+        (Engine::Sled, sled && engine != Engine::Segment),
+        (Engine::Fjall, data_dir.join(FJALL_DIR).exists()),
+    ]
+    .into_iter()
+    .filter(|&(other, present)| present && other != engine)
+    .map(|(other, _)| other)
+    .collect()
 }
 
 fn migrate_sled(
@@ -752,5 +777,38 @@ fn flush_loop(
                 last_try = Instant::now();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outbox_another_engine_left_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(other_engines(Engine::Fjall, dir.path()).is_empty());
+        std::fs::create_dir(dir.path().join(SEGMENT_DIR)).unwrap();
+        assert_eq!(
+            other_engines(Engine::Fjall, dir.path()),
+            vec![Engine::Segment]
+        );
+        assert_eq!(
+            other_engines(Engine::Sled, dir.path()),
+            vec![Engine::Segment]
+        );
+        assert!(other_engines(Engine::Segment, dir.path()).is_empty());
+        std::fs::create_dir(dir.path().join(FJALL_DIR)).unwrap();
+        std::fs::write(dir.path().join("conf"), b"").unwrap();
+        std::fs::write(dir.path().join("db"), b"").unwrap();
+        // The segment log moves sled's outbox into itself: not named.
+        assert_eq!(
+            other_engines(Engine::Segment, dir.path()),
+            vec![Engine::Fjall]
+        );
+        assert_eq!(
+            other_engines(Engine::Fjall, dir.path()),
+            vec![Engine::Segment, Engine::Sled]
+        );
     }
 }
