@@ -298,6 +298,22 @@ impl SegMeta {
         }
     }
 
+    /// Cuts a sealed, fully synced segment's file back to its frames,
+    /// giving back the space allocated ahead of them. A failure costs only
+    /// disk space: a checkpoint trusts a file at least as long as its
+    /// frames, and a scan stops at the zeros.
+    fn give_back_allocated(&mut self, id: u64) {
+        if !(self.sealed && self.synced == self.len && self.allocated > self.len) {
+            return;
+        }
+        match self.file.set_len(self.len) {
+            Ok(()) => self.allocated = self.len,
+            Err(e) => {
+                tracing::warn!(segment = id, error = %e, "cannot cut allocated space off a sealed outbox segment")
+            }
+        }
+    }
+
     fn note_record(&mut self, seq: u64, off: u64, len: u32) {
         if self
             .samples
@@ -821,22 +837,26 @@ impl SegmentStore {
             // A sealed segment never grows after the checkpoint that lists
             // it; space allocated ahead and not yet cut back reads as zeros.
             let meta = match known.remove(&id).filter(|k| k.len <= size) {
-                Some(k) => SegMeta {
-                    file,
-                    len: k.len,
-                    written: k.len,
-                    synced: k.len,
-                    allocated: size,
-                    first: k.first,
-                    last: k.last,
-                    count: k.count,
-                    bytes: k.bytes,
-                    samples: k.samples,
-                    relocated: k.relocated,
-                    sealed: true,
-                    sparse_since: None,
-                    retiring: false,
-                },
+                Some(k) => {
+                    let mut meta = SegMeta {
+                        file,
+                        len: k.len,
+                        written: k.len,
+                        synced: k.len,
+                        allocated: size,
+                        first: k.first,
+                        last: k.last,
+                        count: k.count,
+                        bytes: k.bytes,
+                        samples: k.samples,
+                        relocated: k.relocated,
+                        sealed: true,
+                        sparse_since: None,
+                        retiring: false,
+                    };
+                    meta.give_back_allocated(id);
+                    meta
+                }
                 None => {
                     scanned += 1;
                     let mut s = scan_file(file.clone(), &path)?;
@@ -1048,8 +1068,11 @@ impl SegmentStore {
             .fs
             .open(&path, true)
             .map_err(|e| io_err("cannot create", &path, e))?;
-        if let Some(old) = g.segs.get_mut(&g.active) {
+        let old_id = g.active;
+        if let Some(old) = g.segs.get_mut(&old_id) {
             old.sealed = true;
+            // Synced already, it is in no later sync's files.
+            old.give_back_allocated(old_id);
         }
         g.segs.insert(id, SegMeta::new(file));
         g.unwritten.push(Chunk {
@@ -1141,22 +1164,12 @@ impl SegmentStore {
             if let Some(s) = g.segs.get_mut(&id) {
                 s.synced = s.synced.max(written);
                 sealed_synced |= s.sealed && s.synced == s.len;
+                s.give_back_allocated(id);
             }
         }
         // A newly sealed segment belongs in the checkpoint, so that a
-        // restart need not scan it; the space allocated ahead of its frames
-        // is given back.
+        // restart need not scan it.
         g.acks_dirty |= sealed_synced;
-        for (&id, s) in g.segs.iter_mut() {
-            if s.sealed && s.synced == s.len && s.allocated > s.len {
-                match s.file.set_len(s.len) {
-                    Ok(()) => s.allocated = s.len,
-                    Err(e) => {
-                        tracing::warn!(segment = id, error = %e, "cannot cut allocated space off a sealed outbox segment")
-                    }
-                }
-            }
-        }
         // Only this thread moves chunks into `unsynced`, so all of them
         // were covered.
         g.unsynced.clear();
@@ -1575,8 +1588,9 @@ impl SegmentStore {
             .map(|s| s.last)
             .max();
         // Nothing more is appended to the segments there are.
-        for s in g.segs.values_mut() {
+        for (&id, s) in g.segs.iter_mut() {
             s.sealed = true;
+            s.give_back_allocated(id);
         }
         // A fresh segment for the rewritten records.
         let id = g.segs.keys().next_back().copied().unwrap_or(0) + 1;
@@ -1869,9 +1883,7 @@ impl Drop for SegmentStore {
             let active = g.active;
             if let Some(s) = g.segs.get_mut(&active) {
                 s.sealed = true;
-                if s.allocated > s.len && s.file.set_len(s.len).is_ok() {
-                    s.allocated = s.len;
-                }
+                s.give_back_allocated(active);
             }
         }
         if let Err(e) = self.checkpoint() {
@@ -1962,13 +1974,26 @@ mod tests {
         assert_eq!((sizes[1] - HEADER_LEN) % frame, 0, "{sizes:?}");
         assert!(sizes[1] < 1 << 20, "{sizes:?}");
         assert_eq!(sizes[2], 1 << 20, "{sizes:?}");
+        // One record per sync: each rotation seals a segment that is
+        // synced already, and it is cut back too.
+        let mut key = 11 + n;
+        while seg_sizes(dir.path()).len() < 5 {
+            store.apply(vec![put(key, vec![key as u8; 1000])]).unwrap();
+            store.flush().unwrap();
+            key += 1;
+        }
+        let sizes = seg_sizes(dir.path());
+        for sealed in &sizes[1..4] {
+            assert_eq!((sealed - HEADER_LEN) % frame, 0, "{sizes:?}");
+        }
+        assert_eq!(sizes[4], 1 << 20, "{sizes:?}");
         // A clean close gives the allocated space back and the reopen
         // trusts the checkpoint.
         drop(store);
         assert_eq!((seg_sizes(dir.path())[2] - HEADER_LEN) % frame, 0);
         let store = SegmentStore::open(dir.path(), opts).unwrap();
         let found = store.scan(Area::Pending, 0, 100_000).unwrap();
-        assert_eq!(found.len() as u64, 10 + n);
+        assert_eq!(found.len() as u64, key - 1);
         assert!(found.iter().all(|(k, v)| v == &vec![*k as u8; 1000]));
     }
 
