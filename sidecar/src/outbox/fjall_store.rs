@@ -124,21 +124,13 @@ impl Store for FjallStore {
 
     /// Counts keys and value sizes without copying the values out.
     fn summary(&self) -> Result<Summary, StoreError> {
-        let mut sum = Summary::default();
-        let mut max_seq = None;
+        let mut sum = Summary::empty();
         for area in [Area::Pending, Area::Dead] {
-            let (n, b) = match area {
-                Area::Pending => (&mut sum.pending, &mut sum.pending_bytes),
-                Area::Dead => (&mut sum.dead, &mut sum.dead_bytes),
-            };
             for guard in self.keyspace(area).iter() {
                 let (k, v) = guard.into_inner().map_err(err("cannot read the outbox"))?;
-                max_seq = max_seq.max(Some(decode_key(&k)?));
-                *n += 1;
-                *b += v.len() as u64;
+                sum.count(area, decode_key(&k)?, v.len() as u64);
             }
         }
-        sum.next_seq = max_seq.map_or(1, |s| s + 1);
         Ok(sum)
     }
 }

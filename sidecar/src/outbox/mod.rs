@@ -94,7 +94,7 @@ pub fn open_store(
         )?)),
         Engine::Segment => {
             let log = data_dir.join(SEGMENT_DIR);
-            let has_sled = data_dir.join("conf").exists() && data_dir.join("db").exists();
+            let has_sled = has_sled_outbox(data_dir);
             if has_sled && !log.exists() {
                 migrate_sled(data_dir, &log, opts, sled_cache_bytes)?;
             }
@@ -123,7 +123,7 @@ fn warn_about_other_engines(engine: Engine, data_dir: &Path) {
 /// The engines other than `engine` whose outbox is in `data_dir` and that
 /// `engine` does not read (the segment log moves a sled outbox into itself).
 fn other_engines(engine: Engine, data_dir: &Path) -> Vec<Engine> {
-    let sled = data_dir.join("conf").exists() && data_dir.join("db").exists();
+    let sled = has_sled_outbox(data_dir);
     [
         (Engine::Segment, data_dir.join(SEGMENT_DIR).exists()),
         (Engine::Sled, sled && engine != Engine::Segment),
@@ -133,6 +133,11 @@ fn other_engines(engine: Engine, data_dir: &Path) -> Vec<Engine> {
     .filter(|&(other, present)| present && other != engine)
     .map(|(other, _)| other)
     .collect()
+}
+
+/// Whether sled's files are in `data_dir`.
+fn has_sled_outbox(data_dir: &Path) -> bool {
+    data_dir.join("conf").exists() && data_dir.join("db").exists()
 }
 
 fn migrate_sled(

@@ -65,6 +65,27 @@ pub struct Summary {
     pub next_seq: u64,
 }
 
+impl Summary {
+    /// Nothing held, sequence numbers from 1.
+    pub fn empty() -> Self {
+        Self {
+            next_seq: 1,
+            ..Self::default()
+        }
+    }
+
+    /// Counts one entry of `area` under `key`, of `bytes` encoded bytes.
+    pub fn count(&mut self, area: Area, key: u64, bytes: u64) {
+        let (n, b) = match area {
+            Area::Pending => (&mut self.pending, &mut self.pending_bytes),
+            Area::Dead => (&mut self.dead, &mut self.dead_bytes),
+        };
+        *n += 1;
+        *b += bytes;
+        self.next_seq = self.next_seq.max(key.saturating_add(1));
+    }
+}
+
 /// What the outbox needs from a storage engine.
 ///
 /// Contract: after `flush` returns `Ok`, every `apply` that returned before
@@ -92,29 +113,23 @@ pub trait Store: Send + Sync + 'static {
     /// Counts what the store holds, for opening the outbox. The default
     /// scans both areas.
     fn summary(&self) -> Result<Summary, StoreError> {
-        let mut sum = Summary::default();
-        let mut max_seq = None;
+        let mut sum = Summary::empty();
         for area in [Area::Pending, Area::Dead] {
             let mut from = 0;
             loop {
                 let chunk = self.scan(area, from, 4096)?;
-                let Some((last, _)) = chunk.last() else { break };
-                max_seq = max_seq.max(Some(*last));
-                for (_, v) in &chunk {
-                    let (n, b) = match area {
-                        Area::Pending => (&mut sum.pending, &mut sum.pending_bytes),
-                        Area::Dead => (&mut sum.dead, &mut sum.dead_bytes),
-                    };
-                    *n += 1;
-                    *b += v.len() as u64;
+                let Some(&(last, _)) = chunk.last() else {
+                    break;
+                };
+                for (key, v) in &chunk {
+                    sum.count(area, *key, v.len() as u64);
                 }
-                if *last == u64::MAX {
+                if last == u64::MAX {
                     break;
                 }
                 from = last + 1;
             }
         }
-        sum.next_seq = max_seq.map_or(1, |s| s + 1);
         Ok(sum)
     }
 
