@@ -97,13 +97,17 @@ fn the_demo_rides_out_broker_outages_and_shows_the_full_outbox_on_its_own() {
     let mut run = docs::bash(&format!(
         "{demo} --faults broker-kill9,broker-stop,outbox-full"
     ));
-    // The script builds the binaries it runs; `cargo test` holds the build
-    // lock while tests run, so there it runs the binaries built already.
-    if std::env::var_os("NEXTEST_RUN_ID").is_none() {
-        workspace_bin("warren-operator", "warren-operator").unwrap();
-        sidecar_bin().unwrap();
-        run.env("WARREN_DEMO_PREBUILT", "1");
-    }
+    // The script builds the binaries it runs; here it runs those of this
+    // test run instead (the ones `scripts/test` names, or found or built
+    // the way every other test finds them): a second cargo build beside
+    // the running tests would rebuild with the package's own feature set
+    // and relink binaries other tests are running.
+    let operator = workspace_bin("warren-operator", "warren-operator").unwrap();
+    let sidecar = sidecar_bin().unwrap();
+    run.env("WARREN_DEMO_PREBUILT", "1")
+        .env("WARREN_OPERATOR_BIN", operator)
+        .env("WARREN_SIDECAR_BIN", sidecar)
+        .env("WARREN_DEMO_BIN", env!("CARGO_BIN_EXE_warren-demo"));
     let started = Instant::now();
     let out = run.output().expect("running scripts/demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
