@@ -57,8 +57,8 @@ impl Default for SidecarConfig {
     }
 }
 
-/// The app's delivery endpoint.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The app's delivery endpoint. Its `Debug` hides the URL's user info.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AppEndpoint {
     /// `http://` URL each message is POSTed to.
@@ -72,6 +72,16 @@ pub struct AppEndpoint {
     pub concurrency: u32,
 }
 
+impl std::fmt::Debug for AppEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppEndpoint")
+            .field("url", &redact_user_info(&self.url))
+            .field("timeout", &self.timeout)
+            .field("concurrency", &self.concurrency)
+            .finish()
+    }
+}
+
 fn default_timeout() -> HumanDuration {
     HumanDuration::from_secs(30)
 }
@@ -80,8 +90,8 @@ fn default_concurrency() -> u32 {
     16
 }
 
-/// One consumed queue.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One consumed queue. Its `Debug` hides the user info of its `url`.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConsumeQueue {
     /// The work queue `Q`.
@@ -102,6 +112,33 @@ pub struct ConsumeQueue {
 
 fn default_prefetch() -> u16 {
     16
+}
+
+impl std::fmt::Debug for ConsumeQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumeQueue")
+            .field("name", &self.name)
+            .field("prefetch", &self.prefetch)
+            .field("parking_lot", &self.parking_lot)
+            .field("url", &self.url.as_deref().map(redact_user_info))
+            .field("retry_policy", &self.retry_policy)
+            .finish()
+    }
+}
+
+/// `url` with everything up to its last `@` after the scheme replaced by
+/// `***`, for logs and errors: user info (a password) never shows, even
+/// one with an unencoded `/` in it, at the price of hiding a path before
+/// an `@`.
+pub fn redact_user_info(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
+    };
+    match rest.rsplit_once('@') {
+        Some((_, host_and_path)) => format!("{scheme}***@{host_and_path}"),
+        None => url.to_owned(),
+    }
 }
 
 impl ConsumeQueue {
@@ -205,7 +242,7 @@ fn check_url(what: &str, url: &str) -> Result<(), ConfigError> {
     if ok {
         Ok(())
     } else {
-        Err(ConfigError::Url(what.to_owned(), url.to_owned()))
+        Err(ConfigError::Url(what.to_owned(), redact_user_info(url)))
     }
 }
 
@@ -215,6 +252,28 @@ mod tests {
 
     fn parse(json: &str) -> SidecarConfig {
         serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn debug_and_errors_never_show_an_app_password() {
+        let c = parse(
+            r#"{"app": {"url": "http://app:s3cr%2Ft/x@127.0.0.1:8080/m"},
+                "queues": [{"name": "orders", "url": "https://u:pa/ss@q.example/in"}]}"#,
+        );
+        let shown = format!("{c:?}");
+        for secret in ["s3cr", "pa/ss"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("http://***@127.0.0.1:8080/m"), "{shown}");
+        assert!(shown.contains("https://***@q.example/in"), "{shown}");
+        assert!(shown.contains("orders"), "{shown}");
+
+        let bad = parse(r#"{"app": {"url": "ftp://op:hunter2@h/m"}, "queues": [{"name": "q"}]}"#);
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.contains("ftp://***@h/m"), "{err}");
+
+        assert_eq!(redact_user_info("http://h:80/a"), "http://h:80/a");
     }
 
     #[test]
