@@ -85,6 +85,10 @@ const START_ATTEMPTS: u32 = 3;
 /// proxies point at them).
 const RESTART_ATTEMPTS: u32 = 5;
 
+/// Boot attempts of [`RabbitNode::start_again`] for failures other than a
+/// busy port.
+const BOOT_ATTEMPTS_AFTER_CRASH: u32 = 3;
+
 /// Default `vm_memory_high_watermark`, restored by [`RabbitNode::clear_memory_alarm`].
 const DEFAULT_WATERMARK: &str = "0.4";
 
@@ -525,7 +529,14 @@ impl RabbitNode {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.kill_process();
-                Err(e.context(format!("starting {}\n{}", self.name, self.log_tail())))
+                // The cause goes first: the log tails after it are long, and
+                // a test report that cuts its output keeps the head.
+                Err(anyhow!(
+                    "starting {}: {}\n{}",
+                    self.name,
+                    error_chain(e.as_ref()),
+                    self.log_tail()
+                ))
             }
         }
     }
@@ -685,6 +696,20 @@ impl RabbitNode {
                 // but give a briefly lingering socket a chance anyway.
                 Err(e) if is_port_conflict(&e) && attempt < RESTART_ATTEMPTS => {
                     tracing::warn!(node = %self.name, attempt, "port still busy, retrying restart");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                // A broker that fails to boot once after a crash is started
+                // again, as a pod's restart policy would; the tests are about
+                // clients riding out the outage, and a broker that never
+                // comes back still fails them after the last attempt.
+                Err(e) if attempt < BOOT_ATTEMPTS_AFTER_CRASH => {
+                    let cause = error_chain(e.as_ref());
+                    let cause = cause.lines().next().unwrap_or_default();
+                    tracing::warn!(node = %self.name, attempt, cause, "restart failed, starting the node again");
+                    println!(
+                        "{}: restart attempt {attempt} failed ({cause}); starting it again",
+                        self.name
+                    );
                     std::thread::sleep(Duration::from_secs(1));
                 }
                 Err(e) => return Err(e),
